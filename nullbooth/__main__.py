@@ -1,0 +1,5 @@
+import sys
+
+from nullbooth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""Connecting to Ray: the cluster when there is one, otherwise a private local Ray bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from nullbooth.config import RayConfig
+from nullbooth.errors import NullBoothError
+
+
+def connect(ray_config: RayConfig) -> None:
+    """Join the enclosing Ray job, the configured address or RAY_ADDRESS; otherwise start a local Ray.
+
+    `ray job submit` sets RAY_ADDRESS for the entrypoint, so a submitted job lands on its cluster unchanged. A local
+    Ray binds its dashboard to 127.0.0.1: a laptop's dashboard is never opened to the network.
+    """
+    if ray.is_initialized():
+        return
+    address = ray_config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+            raise NullBoothError(f"ray.address: cannot reach the Ray cluster at {address!r}: {err}") from None
+        return
+    ray.init(num_cpus=ray_config.num_cpus, include_dashboard=None, dashboard_host=ray_config.dashboard_host,
+             logging_level=logging.WARNING)
+
+
+def cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
