@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
+import transformers
+
+# Importing diffusers' pipelines touches CLIPImageProcessor (for safety checkers we never load) and, without
+# torchvision, transformers warns about it in every process; only errors from transformers are worth showing.
+transformers.logging.set_verbosity_error()
+
+from diffusers import (  # noqa: E402
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -137,11 +143,12 @@ class Backend:
     def load_pipeline(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         """The diffusers pipeline with the configured sampler, checked to fit this backend."""
         dtype = dtype or DTYPES[self.model.dtype]
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": self.model.revision}
+        kwargs: dict[str, Any] = {"dtype": dtype, "revision": self.model.revision}
         if self.pipeline_class is StableDiffusionPipeline:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         else:
             kwargs.update(safety_checker=None)
+        quiet_loading()
         try:
             pipe = self.pipeline_class.from_pretrained(self.location, **kwargs)
         except (OSError, ValueError, EnvironmentError) as err:
@@ -241,6 +248,17 @@ class LCMBackend(Backend):
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
     """LCM's sinusoidal embedding of the guidance scale (as in the LCM pipeline's get_guidance_scale_embedding)."""
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embedding_dim)
+
+
+def quiet_loading() -> None:
+    """Loading bars and info logs of diffusers/transformers would drown the project's own progress in actors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def get_backend(config: Config) -> Backend:
