@@ -81,7 +81,11 @@ class CovarianceConfig:
     product_dtype: str = _f("float32", "dtype of batch products XᵀX before float64 accumulation",
                             choices=("float32", "float64"))
     eigh_group_size: int = _f(8, "(layer, timestep) covariances per eigendecomposition task", min=1)
-    fail_after_batches: int | None = _f(None, "TEST AID: collector actor 0 dies after absorbing N batches", min=1)
+    dtype: str = _f("float32", "dtype of the stored covariance files (sums and eigendecompositions are float64)",
+                    choices=("float32", "float64"))
+    fail_after_batches: int | None = _f(None, "TEST AID: collector actor 0 (first incarnation only) exits its process "
+                                        "right after absorbing its N-th batch, as a lost node would; the driver "
+                                        "redoes every batch it had absorbed on a replacement actor", min=1)
 
 
 @dataclass
