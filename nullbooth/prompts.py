@@ -1,0 +1,45 @@
+"""Preserved prompts: the prompts whose cross-attention keys the LoRA update must leave untouched.
+
+A prompt file is plain text, one prompt per line; blank lines and lines starting with '#' are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nullbooth.errors import NullBoothError
+
+# Shipped with the package (see pyproject's package-data), used by the demo configs.
+DEMO_PROMPTS_FILE: Path = Path(__file__).resolve().parent / "data" / "preserve_prompts.txt"
+
+
+def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> list[str]:
+    """The prompts of `path` in file order, stripped, without blank and comment lines.
+
+    `max_prompts` keeps only the first that many (None: all). Raises NullBoothError, naming the file, when it is
+    missing, unreadable or holds no prompt.
+    """
+    path = Path(path)
+    if max_prompts is not None and max_prompts < 1:
+        raise NullBoothError(f"max_prompts for {path}: expected a positive integer or None, got {max_prompts!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NullBoothError(f"prompts file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise NullBoothError(f"prompts file {path}: cannot be read as UTF-8 text ({e})") from None
+    prompts = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    if not prompts:
+        raise NullBoothError(f"prompts file {path}: contains no prompts (only blank or '#' comment lines)")
+    return prompts[:max_prompts] if max_prompts is not None else prompts
+
+
+def resolve_prompts_file(value: str) -> Path:
+    """The prompts file a config names: "demo" is the shipped list, anything else a local path."""
+    if value == "demo":
+        return DEMO_PROMPTS_FILE
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise NullBoothError(f"prompts file {value!r}: no such file (use 'demo' for the shipped prompt list)")
+    return path

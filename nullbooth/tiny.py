@@ -1,0 +1,400 @@
+"""The embedded tiny model: a random-weight, SD-architecture pipeline built offline by the package itself.
+
+It lets the whole system (statistics, training, generation) run on a CPU in minutes with no download. Everything
+is built deterministically from fixed seeds, independent of the caller's RNG state, so two builds are bit-identical
+and a run's model fingerprint does not depend on which process or machine built the model.
+
+Layout (what `diffusers.DiffusionPipeline.from_pretrained` reads):
+
+    <out>/model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/
+
+`sd` saves a `StableDiffusionPipeline` (PNDM scheduler like SD 1.5), `lcm` a `LatentConsistencyModelPipeline`
+(`LCMScheduler`, UNet with `time_cond_proj_dim`).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from nullbooth.errors import NullBoothError
+from nullbooth.prompts import DEMO_PROMPTS_FILE, read_prompts
+
+# Bump when anything below changes what gets built: cached models live in "<name>-v<FORMAT>".
+TINY_FORMAT_VERSION = 1
+
+# Model name (as written in configs) -> backend.
+TINY_MODELS: dict[str, str] = {"tiny": "sd", "tiny-lcm": "lcm"}
+
+MAX_LENGTH = 32  # tokenizer model_max_length == text encoder max_position_embeddings
+TEXT_WIDTH = 64  # text hidden size == UNet cross_attention_dim
+NUM_MERGES = 1000  # learned BPE merges; vocab = 512 byte symbols + merges + forced merges + 2 specials
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+EOW = "</w>"
+
+# Separate seeds per component: the text encoder and VAE are identical across backends, and a change to one
+# component's architecture does not reshuffle the weights of the others.
+_SEED_TEXT_ENCODER = 1001
+_SEED_UNET = 1002
+_SEED_VAE = 1003
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The GPT-2/CLIP byte -> printable character table, in CLIP's vocabulary order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def _pretokenizer():
+    """A stock CLIPTokenizer's normalizer + pre-tokenizer, so training sees exactly the words inference sees."""
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer
+    return backend.normalizer, backend.pre_tokenizer
+
+
+def _corpus_words(lines: Iterable[str]) -> Counter[str]:
+    normalizer, pre_tokenizer = _pretokenizer()
+    words: Counter[str] = Counter()
+    for line in lines:
+        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[piece] += 1
+    return words
+
+
+def _split_word(word: str) -> list[str]:
+    # CLIP marks the end of a word on its last symbol: "dog" -> d, o, g</w>.
+    return [*word[:-1], word[-1] + EOW]
+
+
+def _pairs(symbols: list[str]) -> list[tuple[str, str]]:
+    return list(itertools.pairwise(symbols))
+
+
+def _merge_symbols(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def train_bpe(words: Counter[str], num_merges: int, min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Learn BPE merges from word counts, most frequent pair first, ties broken by the pair's text.
+
+    Why not `tokenizers.trainers.BpeTrainer`: it breaks ties between equally frequent pairs by internal ids that
+    depend on randomly seeded hash maps, so every process learns a different merge order (checked with
+    tokenizers 0.23, also single-threaded), and the tiny model must be bit-identical wherever it is built.
+    """
+    symbols = [_split_word(w) for w in sorted(words)]
+    freqs = [words[w] for w in sorted(words)]
+    counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, syms in enumerate(symbols):
+        for pair in _pairs(syms):
+            counts[pair] += freqs[i]
+            where.setdefault(pair, set()).add(i)
+    # Max-heap by count with lazy deletion: an entry is stale when its count no longer matches.
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    while heap and len(merges) < num_merges:
+        neg, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg or -neg <= 0:
+            continue
+        if -neg < min_frequency:
+            break
+        merges.append(pair)
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair, ())):
+            old, new = symbols[i], _merge_symbols(symbols[i], pair)
+            for p in _pairs(old):
+                counts[p] -= freqs[i]
+                touched.add(p)
+            for p in _pairs(new):
+                counts[p] += freqs[i]
+                where.setdefault(p, set()).add(i)
+                touched.add(p)
+            symbols[i] = new
+        counts.pop(pair, None)
+        for p in touched:
+            if p != pair and counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
+    return merges
+
+
+def _apply_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Tokenize one pre-tokenized word with ranked merges, as the BPE model does at inference."""
+    symbols = _split_word(word)
+    while len(symbols) > 1:
+        best = min(_pairs(symbols), key=lambda p: ranks.get(p, len(ranks)))
+        if best not in ranks:
+            break
+        symbols = _merge_symbols(symbols, best)
+    return symbols
+
+
+def _force_single_tokens(merges: list[tuple[str, str]], words: Iterable[str]) -> list[tuple[str, str]]:
+    """Append the lowest-priority merges that make each given word one token (e.g. the identifier "sks").
+
+    The identifier is kept out of the training corpus on purpose: like "sks" in real CLIP, it is a token the
+    preserved prompts never use.
+    """
+    merges = list(merges)
+    normalizer, pre_tokenizer = _pretokenizer()
+    for word in words:
+        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(word)):
+            for _ in range(len(piece)):
+                symbols = _apply_bpe(piece, {p: r for r, p in enumerate(merges)})
+                if len(symbols) == 1:
+                    break
+                merges.append((symbols[0], symbols[1]))
+    return merges
+
+
+def _demo_words() -> list[str]:
+    # Imported here, not at the top: subject.py imports the cache helpers from this module.
+    from nullbooth.subject import DEMO_CLASS_PROMPT, DEMO_INSTANCE_PROMPT
+
+    return sorted(set(DEMO_INSTANCE_PROMPT.split()) | set(DEMO_CLASS_PROMPT.split()))
+
+
+def build_tokenizer(prompts_file: Path = DEMO_PROMPTS_FILE):
+    """A CLIP-style byte-level BPE tokenizer learned on the preserved prompts (plus the demo class prompt).
+
+    Vocabulary in CLIP's order: 256 byte symbols, the same 256 with "</w>", one token per merge, then
+    <|startoftext|> and <|endoftext|> (also the pad token, as in SD).
+    """
+    from transformers import CLIPTokenizer
+
+    from nullbooth.subject import DEMO_CLASS_PROMPT
+
+    corpus = [*read_prompts(prompts_file), DEMO_CLASS_PROMPT]
+    merges = train_bpe(_corpus_words(corpus), NUM_MERGES)
+    merges = _force_single_tokens(merges, _demo_words())
+    base = _bytes_to_unicode()
+    # Two merge paths can produce the same token ("a bc", "ab c"); it gets the id of its first occurrence.
+    tokens = dict.fromkeys([*base, *(b + EOW for b in base), *("".join(m) for m in merges), BOS, EOS])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=list(merges),  # pairs; the stock constructor rejects "a b" strings
+        model_max_length=MAX_LENGTH,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+    )
+    for word in _demo_words():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise RuntimeError(f"tiny tokenizer: demo word {word!r} is not a single token: {ids}")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model components
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Construct a module under a fixed seed without disturbing the caller's RNG state.
+
+    Module constructors initialise from the global RNG, so a Generator cannot be passed in; fork_rng restores
+    the global state afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = make()
+    return module.eval()
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=TEXT_WIDTH,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled output is taken at this id (not the legacy argmax)
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(_SEED_TEXT_ENCODER, lambda: CLIPTextModel(config))
+
+
+def build_unet(backend: str):
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(
+        _SEED_UNET,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_WIDTH,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            # LCM conditions on the guidance scale through an extra embedding; SD has none.
+            time_cond_proj_dim=256 if backend == "lcm" else None,
+        ),
+    )
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return _seeded(
+        _SEED_VAE,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,  # one downsampling: 32x32 images <-> 16x16 latents
+        ),
+    )
+
+
+# SD 1.5's scheduler betas; written out in full so diffusers does not rewrite deprecated defaults on load.
+_SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def build_scheduler(backend: str):
+    from diffusers import LCMScheduler, PNDMScheduler
+
+    if backend == "lcm":
+        return LCMScheduler(
+            **_SD_BETAS,
+            original_inference_steps=50,
+            timestep_spacing="leading",
+            steps_offset=1,
+            set_alpha_to_one=True,
+            clip_sample=False,
+            prediction_type="epsilon",
+        )
+    return PNDMScheduler(
+        **_SD_BETAS,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("sd", "lcm"):
+        raise NullBoothError(f"tiny model backend: expected 'sd' or 'lcm', got {backend!r}")
+
+
+def build_tiny_model(out_dir: str | os.PathLike, backend: str = "sd") -> Path:
+    """Build the tiny pipeline for `backend` ("sd" or "lcm") and save it in diffusers layout into `out_dir`."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    _check_backend(backend)
+    tokenizer = build_tokenizer()
+    cls = LatentConsistencyModelPipeline if backend == "lcm" else StableDiffusionPipeline
+    pipe = cls(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=build_unet(backend),
+        scheduler=build_scheduler(backend),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_cache_dir() -> Path:
+    """Where built tiny models and the demo subject are cached: $NULLBOOTH_CACHE, else ~/.cache/nullbooth."""
+    env = os.environ.get("NULLBOOTH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nullbooth"
+
+
+def build_once(dest: Path, build: Callable[[Path], object]) -> Path:
+    """Return `dest`, building it with `build(tmp_dir)` first if it does not exist yet.
+
+    The build goes to a temporary directory beside `dest` that is renamed into place, so `dest` is either absent
+    or complete. Several processes (e.g. Ray actors) may race: the first rename wins, the others discard their
+    copy; the builds are deterministic, so which one wins does not matter.
+    """
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it 0700; a cache on shared storage must be readable by other accounts
+        try:
+            os.rename(tmp, dest)
+        except OSError as e:
+            # Linux refuses to rename a directory onto a non-empty one: another builder got there first.
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ensure_tiny_model(name: str) -> Path:
+    """Path of the cached tiny model `name` ("tiny" or "tiny-lcm"), building it on first use."""
+    if name not in TINY_MODELS:
+        raise NullBoothError(f"tiny model: unknown name {name!r}, expected one of {sorted(TINY_MODELS)}")
+    backend = TINY_MODELS[name]
+    dest = tiny_cache_dir() / f"{name}-v{TINY_FORMAT_VERSION}"
+    return build_once(dest, lambda tmp: build_tiny_model(tmp, backend))
