@@ -29,7 +29,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         try:
             return pafs.FileSystem.from_uri(location)
-        except (pafs.ArrowInvalid, OSError, ValueError) as err:  # unknown scheme, missing credentials, ...
+        except (OSError, ValueError) as err:  # unknown scheme (pyarrow.ArrowInvalid is a ValueError), credentials, ...
             raise NullBoothError(f"cannot open storage {location!r}: {err}") from None
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
