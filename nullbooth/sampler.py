@@ -1,0 +1,148 @@
+"""Batch image sampling as Ray Data batch inference: one pipeline per actor, any number of actors.
+
+Used by the generation stage (base and fine-tuned samples) and by the training stage (class images for prior
+preservation). Every prompt carries its own seed and its own `torch.Generator`, so an image depends only on
+(model, LoRA, prompt, seed, sampling config), never on which actor sampled it or which prompts shared its batch.
+Ray Data does not keep row order across an actor pool, so rows carry their input index and are sorted back.
+
+Ray must already be connected (`nullbooth.cluster.connect`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from nullbooth.backends import get_backend, torch_threads_for
+from nullbooth.config import Config
+from nullbooth.errors import NullBoothError
+from nullbooth.storage import RunDir
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "nullbooth"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One process: load, sample, decode
+
+
+def load_sampling_pipeline(config: Config, device: torch.device | str = "cpu", lora_dir: str | None = None,
+                           lora_scale: float = 1.0):
+    """The configured pipeline, with the diffusers-format LoRA of `lora_dir` applied at `lora_scale` when given."""
+    pipe = get_backend(config).load_pipeline(device)
+    if lora_dir is not None:
+        apply_lora(pipe, lora_dir, lora_scale)
+    return pipe
+
+
+def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0) -> None:
+    """Load a LoRA with stock `load_lora_weights` (not fused: a zero LoRA leaves every output bit-identical)."""
+    run = RunDir(lora_dir)
+    if not run.exists(LORA_FILE):
+        raise NullBoothError(f"{run.uri(LORA_FILE)} does not exist: no LoRA to load")
+    with _local_copy(run) as local:
+        pipe.load_lora_weights(local, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(lora_scale)])
+
+
+class _local_copy:
+    """A local folder holding the LoRA file: the folder itself when local, a temporary copy for a cloud URI.
+
+    Loading from a file (not from a state dict) keeps the adapter metadata (rank, alpha) diffusers saves with it.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.temp: str | None = None
+
+    def __enter__(self) -> str:
+        if self.run.is_local:
+            return self.run.local_path()
+        self.temp = tempfile.mkdtemp(prefix="nullbooth-lora-")
+        with open(os.path.join(self.temp, LORA_FILE), "wb") as f:
+            f.write(self.run.read_bytes(LORA_FILE))
+        return self.temp
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@torch.no_grad()
+def sample_batch(config: Config, pipe, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (B, H, W, 3), final latents float32 (B, C, h, w)) for `prompts`, one generator per seed."""
+    backend = get_backend(config)
+    cond, uncond = backend.encode(pipe, list(prompts))
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    latents = backend.sample(pipe, cond, uncond, generators, output_type="latent")
+    return decode_latents(pipe, latents), latents.float().cpu().numpy()
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images, exactly as the pipeline's own `output_type="pil"` path decodes them."""
+    vae = pipe.vae
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    images = pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=[True] * len(decoded))
+    return (images * 255).round().astype(np.uint8)  # what diffusers' numpy_to_pil does
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Data: an actor pool of pipelines
+
+
+class _SamplerActor:
+    """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed) rows."""
+
+    def __init__(self, config: Config, lora_dir: str | None, lora_scale: float, num_cpus: float, has_gpu: bool):
+        torch_threads_for(num_cpus)
+        self.config = config
+        device = get_backend(config).device(has_gpu=has_gpu)
+        self.pipe = load_sampling_pipeline(config, device, lora_dir, lora_scale)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, latents = sample_batch(self.config, self.pipe, [str(p) for p in batch["prompt"]],
+                                       [int(s) for s in batch["seed"]])
+        return {"index": batch["index"], "image": images, "latent": latents}
+
+
+def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir: str | None = None,
+                  lora_scale: float = 1.0, num_workers: int = 1, batch_size: int = 4,
+                  num_cpus: float = 1.0, num_gpus: float | None = None) -> list[dict]:
+    """Sample `prompts` (prompt i with `seeds[i]`) on a Ray Data actor pool of `num_workers` pipelines.
+
+    Returns, in input order, {"prompt", "seed", "image": uint8 (H, W, 3), "latent": float32 (C, h, w), the final
+    latents before the VAE decode}. `num_gpus` per actor defaults to 1 when the cluster has GPUs and
+    `model.device` allows them, else 0.
+    """
+    import ray
+    import ray.data
+
+    from nullbooth.cluster import cluster_has_gpu
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_images: {len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        return []
+    if not ray.is_initialized():
+        raise RuntimeError("sample_images needs a connected Ray (nullbooth.cluster.connect)")
+    if num_gpus is None:
+        num_gpus = 1.0 if config.model.device != "cpu" and cluster_has_gpu() else 0.0
+    rows = [{"index": i, "prompt": p, "seed": int(s)} for i, (p, s) in enumerate(zip(prompts, seeds))]
+    dataset = ray.data.from_items(rows).map_batches(
+        _SamplerActor,
+        fn_constructor_kwargs={"config": config, "lora_dir": lora_dir, "lora_scale": lora_scale,
+                               "num_cpus": num_cpus, "has_gpu": num_gpus > 0},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(rows))),
+        num_cpus=num_cpus, num_gpus=num_gpus)
+    results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
+    if [int(r["index"]) for r in results] != list(range(len(rows))):
+        raise RuntimeError("sample_images: Ray Data returned an incomplete result")  # an invariant, not a user error
+    return [{"prompt": prompts[i], "seed": int(seeds[i]), "image": np.asarray(r["image"], dtype=np.uint8),
+             "latent": np.asarray(r["latent"], dtype=np.float32)} for i, r in enumerate(results)]
