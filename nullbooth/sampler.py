@@ -97,24 +97,44 @@ def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
 
 
 class _SamplerActor:
-    """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed) rows."""
+    """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed, lora) rows."""
 
     def __init__(self, config: Config, lora_dir: str | None, lora_scale: float, num_cpus: float, has_gpu: bool):
         torch_threads_for(num_cpus)
         self.config = config
+        self.has_lora = lora_dir is not None
         device = get_backend(config).device(has_gpu=has_gpu)
         self.pipe = load_sampling_pipeline(config, device, lora_dir, lora_scale)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, latents = sample_batch(self.config, self.pipe, [str(p) for p in batch["prompt"]],
-                                       [int(s) for s in batch["seed"]])
-        return {"index": batch["index"], "image": images, "latent": latents}
+        prompts = [str(p) for p in batch["prompt"]]
+        seeds = [int(s) for s in batch["seed"]]
+        use_lora = [bool(f) for f in batch["lora"]]
+        images: list[np.ndarray | None] = [None] * len(prompts)
+        latents: list[np.ndarray | None] = [None] * len(prompts)
+        # Rows with and without the LoRA share this actor's one pipeline: the adapter is switched off, not unloaded,
+        # so the base rows run the unmodified linears (bit-identical to a pipeline that never loaded a LoRA).
+        for flag in sorted(set(use_lora)):
+            rows = [i for i, f in enumerate(use_lora) if f == flag]
+            if self.has_lora and flag:
+                self.pipe.enable_lora()
+            elif self.has_lora:
+                self.pipe.disable_lora()
+            group_images, group_latents = sample_batch(self.config, self.pipe, [prompts[i] for i in rows],
+                                                       [seeds[i] for i in rows])
+            for k, i in enumerate(rows):
+                images[i], latents[i] = group_images[k], group_latents[k]
+        return {"index": batch["index"], "image": np.stack(images), "latent": np.stack(latents)}
 
 
 def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir: str | None = None,
                   lora_scale: float = 1.0, num_workers: int = 1, batch_size: int = 4,
-                  num_cpus: float = 1.0, num_gpus: float | None = None) -> list[dict]:
+                  num_cpus: float = 1.0, num_gpus: float | None = None,
+                  use_lora: list[bool] | None = None) -> list[dict]:
     """Sample `prompts` (prompt i with `seeds[i]`) on a Ray Data actor pool of `num_workers` pipelines.
+
+    With `lora_dir`, `use_lora[i]` says whether prompt i is sampled with the LoRA (default: all are), so base and
+    fine-tuned samples come from one actor pool without loading the model twice.
 
     Returns, in input order, {"prompt", "seed", "image": uint8 (H, W, 3), "latent": float32 (C, h, w), the final
     latents before the VAE decode}. `num_gpus` per actor defaults to 1 when the cluster has GPUs and
@@ -131,9 +151,14 @@ def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir
         return []
     if not ray.is_initialized():
         raise RuntimeError("sample_images needs a connected Ray (nullbooth.cluster.connect)")
+    if use_lora is None:
+        use_lora = [lora_dir is not None] * len(prompts)
+    if len(use_lora) != len(prompts) or (any(use_lora) and lora_dir is None):
+        raise ValueError("sample_images: use_lora needs one flag per prompt, and lora_dir when any is true")
     if num_gpus is None:
         num_gpus = 1.0 if config.model.device != "cpu" and cluster_has_gpu() else 0.0
-    rows = [{"index": i, "prompt": p, "seed": int(s)} for i, (p, s) in enumerate(zip(prompts, seeds))]
+    rows = [{"index": i, "prompt": p, "seed": int(s), "lora": bool(f)}
+            for i, (p, s, f) in enumerate(zip(prompts, seeds, use_lora))]
     dataset = ray.data.from_items(rows).map_batches(
         _SamplerActor,
         fn_constructor_kwargs={"config": config, "lora_dir": lora_dir, "lora_scale": lora_scale,
