@@ -1,0 +1,132 @@
+"""Dealing prompt batches to collector actors, dynamically and exactly once despite lost actors.
+
+Each actor has at most `covariance.batches_in_flight` batches queued; whenever one finishes (`ray.wait`), the
+actor that finished gets the next batch, so a slow actor never holds up the others. The driver remembers which
+batches every actor has absorbed. If an actor dies (node lost, out of memory), its sums die with it: all the batches
+it had absorbed or had queued are dealt again, and a replacement actor takes its slot. The final sums are read only
+from live actors, so every batch is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError
+
+from nullbooth import telemetry
+from nullbooth.config import Config
+from nullbooth.errors import NullBoothError
+from nullbooth.stats.collector import Collector
+
+Batch = tuple[int, list[str]]  # (index of its first prompt in the preserved list, prompts)
+
+
+def make_batches(prompts: list[str], batch_size: int) -> list[Batch]:
+    """Fixed slices of the prompt list: a batch's content never depends on who absorbs it."""
+    return [(i, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+
+@dataclass
+class Slot:
+    index: int
+    incarnation: int
+    actor: Any
+    absorbed: list[int] = field(default_factory=list)
+    in_flight: dict[ray.ObjectRef, int] = field(default_factory=dict)
+
+
+class Dealer:
+    """The collector actors of one statistics run and the bookkeeping that makes their sums exact."""
+
+    def __init__(self, config: Config, batches: list[Batch], max_failures: int | None = None):
+        self.config = config
+        self.batches = batches
+        self.max_failures = max_failures if max_failures is not None else 2 * config.covariance.num_workers + 2
+        self.failures = 0
+        self.done: set[int] = set()
+        self.pending: deque[int] = deque(range(len(batches)))
+        self._remote = ray.remote(Collector)
+        self.slots = [self._start(i, 0) for i in range(config.covariance.num_workers)]
+        self._failure_counter = telemetry.counter("stats_actor_failures", "collector actors lost and replaced")
+
+    def _start(self, index: int, incarnation: int) -> Slot:
+        cov = self.config.covariance
+        actor = self._remote.options(num_cpus=cov.cpus_per_worker, num_gpus=cov.gpus_per_worker, max_restarts=0,
+                                     name=None).remote(self.config, index, incarnation)
+        return Slot(index, incarnation, actor)
+
+    def describe(self) -> dict[str, Any]:
+        """Every actor's description; they must agree (same model, layers and plan on every replica)."""
+        infos = ray.get([slot.actor.describe.remote() for slot in self.slots])
+        for info in infos[1:]:
+            if info["fingerprint"] != infos[0]["fingerprint"] or info["timesteps"] != infos[0]["timesteps"]:
+                raise NullBoothError("model.path: collector actors loaded different models or samplers "
+                                     f"({infos[0]['fingerprint']} vs {info['fingerprint']}); every node must see "
+                                     "the same model files")
+        return infos[0]
+
+    # -- dealing -----------------------------------------------------------------------------------------------------
+    def run(self, on_batch: Callable[[dict], None] = lambda info: None,
+            on_lost: Callable[[int], None] = lambda prompts: None) -> None:
+        """Deal until every batch is absorbed by a live actor. `on_lost(n)` reports prompts to be redone."""
+        per_actor = self.config.covariance.batches_in_flight
+        while len(self.done) < len(self.batches):
+            for slot in self.slots:
+                while self.pending and len(slot.in_flight) < per_actor:
+                    batch = self.pending.popleft()
+                    first, prompts = self.batches[batch]
+                    slot.in_flight[slot.actor.absorb.remote(batch, first, prompts)] = batch
+            owners = {ref: slot for slot in self.slots for ref in slot.in_flight}
+            [ref], _ = ray.wait(list(owners), num_returns=1)
+            slot = owners[ref]
+            try:
+                info = ray.get(ref)
+            except RayActorError as err:
+                on_lost(self.replace(slot, err))
+                continue
+            batch = slot.in_flight.pop(ref)
+            slot.absorbed.append(batch)
+            self.done.add(batch)
+            on_batch(info)
+
+    def replace(self, slot: Slot, err: BaseException) -> int:
+        """Re-deal every batch of a dead actor and start its replacement; returns the prompts to redo."""
+        self.failures += 1
+        self._failure_counter.inc(1)
+        if self.failures > self.max_failures:
+            raise NullBoothError(f"covariance: {self.failures} collector actors died (more than {self.max_failures}); "
+                                 f"giving up. Last error: {str(err).strip().splitlines()[0]}")
+        lost = slot.absorbed + list(slot.in_flight.values())
+        self.done.difference_update(slot.absorbed)
+        self.pending.extendleft(reversed(sorted(lost)))
+        print(f"nullbooth: collector actor {slot.index} (incarnation {slot.incarnation}) died after absorbing "
+              f"{len(slot.absorbed)} batches; re-dealing {len(lost)} batches to a replacement", file=sys.stderr)
+        ray.kill(slot.actor, no_restart=True)
+        fresh = self._start(slot.index, slot.incarnation + 1)
+        self.slots[self.slots.index(slot)] = fresh
+        return sum(len(self.batches[b][1]) for b in slot.absorbed)
+
+    def recover(self, err: BaseException, on_lost: Callable[[int], None] = lambda prompts: None) -> bool:
+        """After an actor error outside dealing: replace every dead actor. False if all are alive (a real error)."""
+        dead = []
+        for slot in self.slots:
+            try:
+                ray.get(slot.actor.ping.remote())
+            except RayActorError:
+                dead.append(slot)
+        for slot in dead:
+            on_lost(self.replace(slot, err))
+        return bool(dead)
+
+    # -- results ---------------------------------------------------------------------------------------------------
+    def states(self, which: str | int) -> list[ray.ObjectRef]:
+        """ObjectRefs of every live actor's sums for "text" or a timestep (to be tree-reduced)."""
+        return [slot.actor.state.remote(which) for slot in self.slots]
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)

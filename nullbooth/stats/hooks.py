@@ -1,0 +1,119 @@
+"""Forward hooks that accumulate the keys' second moments `Σ xxᵀ` while the real sampler runs.
+
+A pre-hook on the UNet reads the timestep of every call (the scheduler's own, so the statistics follow exactly the
+trajectory the sampler takes); pre-hooks on each image-side protected layer add `XᵀX` of the layer's input into
+that timestep's float64 accumulator. The hooks only read the inputs the UNet computes anyway: nothing is
+recomputed (no attention is redone) and no activation is kept after its product is added.
+
+Text-side keys (`attn2.to_k` / `attn2.to_v` read `encoder_hidden_states`) are added once per prompt from the
+embeddings themselves by `add_text`: the same rows reach every attn2 at every timestep, so hooking those layers
+would only count them again.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from nullbooth.errors import NullBoothError
+from nullbooth.layers import key_side
+
+PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# A reduction state: the float64 sums Σ xxᵀ per key and the number of rows n per key, as numpy arrays so that Ray
+# moves them through its object store without copies (see stats/reduce.py).
+State = dict[str, dict]
+
+
+def gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
+    """XᵀX of the rows of `x` (any leading shape, features last), formed in `product_dtype`, returned float64."""
+    rows = x.detach().reshape(-1, x.shape[-1]).to(product_dtype)
+    return (rows.T @ rows).to(torch.float64)
+
+
+class KeyStatistics:
+    """float64 `Σ xxᵀ` and row counts: one text-side sum, and one per (timestep, image-side layer)."""
+
+    def __init__(self, unet: torch.nn.Module, layers: dict[str, torch.nn.Linear], timesteps: list[int],
+                 product_dtype: str = "float32", device: torch.device | str = "cpu"):
+        self.unet = unet
+        self.image_layers = {name: layer for name, layer in layers.items() if key_side(name) == "image"}
+        self.timesteps = list(timesteps)
+        self.product_dtype = PRODUCT_DTYPES[product_dtype]
+        self.device = torch.device(device)
+        self.text_sum: torch.Tensor | None = None
+        self.text_rows = 0
+        self.image_sums: dict[int, dict[str, torch.Tensor]] = {t: {} for t in self.timesteps}
+        self.image_rows: dict[int, dict[str, int]] = {t: {} for t in self.timesteps}
+        self._current: int | None = None
+        self._handles: list = []
+
+    # -- text side -----------------------------------------------------------------------------------------------
+    def add_text(self, embeddings: torch.Tensor) -> int:
+        """Add every row of `embeddings` (prompts × tokens × width); returns the number of rows added."""
+        product = gram(embeddings, self.product_dtype).to(self.device)
+        self.text_sum = product if self.text_sum is None else self.text_sum + product
+        rows = embeddings.shape[0] * embeddings.shape[1]
+        self.text_rows += rows
+        return rows
+
+    # -- image side ------------------------------------------------------------------------------------------------
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Hooks on while the block runs; removed afterwards even if sampling fails."""
+        self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+        for name, layer in self.image_layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(name)))
+        try:
+            yield
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._current = None
+
+    def _on_unet(self, module, args, kwargs) -> None:
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        label = int(round(value))
+        if label not in self.image_sums:
+            raise NullBoothError(f"sampling.scheduler: the sampler called the UNet at timestep {value:g}, which is not "
+                                 f"in its timestep plan {self.timesteps}; this sampler cannot be used for statistics")
+        self._current = label
+
+    def _layer_hook(self, name: str):
+        def hook(module, args) -> None:
+            if self._current is None:
+                return  # a UNet call outside sampling (none in the pipelines we drive), nothing to attribute it to
+            x = args[0]
+            product = gram(x, self.product_dtype)
+            sums = self.image_sums[self._current]
+            if name in sums:
+                sums[name] += product
+            else:
+                sums[name] = product
+            rows = self.image_rows[self._current]
+            rows[name] = rows.get(name, 0) + x.numel() // x.shape[-1]
+
+        return hook
+
+    # -- export ----------------------------------------------------------------------------------------------------
+    def text_state(self) -> State:
+        sums = {} if self.text_sum is None else {"text": self.text_sum.cpu().numpy()}
+        return {"sums": sums, "rows": {"text": self.text_rows} if self.text_rows else {}}
+
+    def image_state(self, t: int) -> State:
+        return {"sums": {name: s.cpu().numpy() for name, s in self.image_sums[t].items()},
+                "rows": dict(self.image_rows[t])}
+
+
+def empty_state() -> State:
+    return {"sums": {}, "rows": {}}
+
+
+def state_means(state: State) -> dict[str, np.ndarray]:
+    """C = Σ xxᵀ / n for every key of a reduced state."""
+    return {key: state["sums"][key] / state["rows"][key] for key in state["sums"]}

@@ -1,0 +1,301 @@
+"""Stage 1 end to end on a local Ray (2 CPUs, tiny models): the distributed sums against a single-process
+reference computed here with independent hooks, 1 vs 2 actors, an injected actor failure, reuse / refusal /
+--force, the readers later stages use, a tampered manifest, and the LCM backend."""
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from nullbooth.backends import get_backend, model_fingerprint
+from nullbooth.config import load_config
+from nullbooth.errors import NullBoothError
+from nullbooth.stats import store
+from nullbooth.stats.build import build_covariance
+from nullbooth.stats.hooks import KeyStatistics
+from nullbooth.storage import RunDir
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["preserve.max_prompts=16", "preserve.holdout=4", "covariance.batch_size=3", "sampling.num_inference_steps=3",
+        "covariance.product_dtype=float64", "covariance.dtype=float64", "covariance.eigh_group_size=32",
+        "covariance.num_workers=2"]
+TEXT_SIDE = ("attn2.to_k", "attn2.to_v")
+
+
+def make_config(run_dir, *extra, yaml="tiny.yaml"):
+    return load_config(ROOT / "configs" / yaml, [f"run_dir={run_dir}", *BASE, *extra])
+
+
+# -- the single-process reference ----------------------------------------------------------------------------------
+def reference(config):
+    """Sums computed here, without the package's hooks: text keys straight from the text encoder, image keys from
+    forward hooks on the same trajectories (same prompts, batches and seeds, pipeline called directly). Float64
+    products; alongside, the package's KeyStatistics with float32 products on the very same forward passes."""
+    kept, _ = store.preserved_prompts(config)
+    backend = get_backend(config)
+    pipe = backend.load_pipeline("cpu")
+    unet, tok, enc = pipe.unet, pipe.tokenizer, pipe.text_encoder
+    guided = config.model.backend == "sd" and config.sampling.guidance_scale > 1
+    image = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(n.endswith("." + p) for p in config.covariance.layers) and not n.endswith(TEXT_SIDE)}
+    sums = defaultdict(lambda: defaultdict(float))
+    rows = defaultdict(lambda: defaultdict(int))
+    now = {}
+    handles = [unet.register_forward_pre_hook(
+        lambda m, a, k: now.update(t=int(round(float((a[1] if len(a) > 1 else k["timestep"]).reshape(-1)[0])))),
+        with_kwargs=True)]
+
+    def on_layer(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[now["t"]][name] = sums[now["t"]][name] + x.T @ x
+            rows[now["t"]][name] += x.shape[0]
+        return hook
+
+    handles += [m.register_forward_hook(on_layer(n)) for n, m in image.items()]
+    ks = KeyStatistics(unet, dict(image), backend.timestep_plan(), "float32")
+
+    def embed(texts):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return enc(ids)[0]
+
+    text_sum, text_rows = 0.0, 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors (1 CPU each), so the float32 UNet passes are bit-identical
+    try:
+        with torch.no_grad(), ks.attached():
+            for first in range(0, len(kept), config.covariance.batch_size):
+                batch = kept[first:first + config.covariance.batch_size]
+                cond = embed(batch)
+                uncond = embed([config.sampling.negative_prompt] * len(batch)) if guided else None
+                for e in [cond] + ([uncond] if guided else []):
+                    flat = e.reshape(-1, e.shape[-1]).double()
+                    text_sum, text_rows = text_sum + flat.T @ flat, text_rows + flat.shape[0]
+                gens = [torch.Generator().manual_seed(config.sampling.seed + first + i) for i in range(len(batch))]
+                kwargs = dict(prompt_embeds=cond, generator=gens, output_type="latent",
+                              num_inference_steps=config.sampling.num_inference_steps,
+                              guidance_scale=config.sampling.guidance_scale)
+                if guided:
+                    kwargs["negative_prompt_embeds"] = uncond
+                pipe(**kwargs)
+    finally:
+        torch.set_num_threads(threads)
+        for h in handles:
+            h.remove()
+    return {"text_sum": text_sum, "text_rows": text_rows, "sums": sums, "rows": rows, "float32": ks,
+            "fingerprint": model_fingerprint(unet), "plan": backend.timestep_plan()}
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+def raw_sums(run_dir):
+    """The run's sums n·C and counts, per (timestep, layer) and for the text side."""
+    run = RunDir(str(run_dir))
+    manifest = store.read_manifest(run)
+    out = {"text": store.read_covariance(run, "text")["cov"] * manifest["text_rows"]}
+    for t in manifest["timesteps"]:
+        for name, c in store.read_covariance(run, t).items():
+            out[(t, name)] = c * manifest["image_rows"][str(t)][name]
+    return manifest, out
+
+
+# -- shared runs -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base(ray_local, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stats") / "base"
+    config = make_config(run_dir)
+    summary = build_covariance(config)
+    return config, run_dir, summary
+
+
+@pytest.fixture(scope="module")
+def ref(base):
+    return reference(base[0])
+
+
+def test_distributed_equals_single_process_reference(base, ref):
+    config, run_dir, summary = base
+    manifest, sums = raw_sums(run_dir)
+    assert manifest["timesteps"] == ref["plan"]
+    assert manifest["model"]["fingerprint"] == ref["fingerprint"]
+    assert manifest["text_rows"] == ref["text_rows"] == 12 * 32 * 2  # prompts × tokens × (cond + negative)
+    assert rel_err(sums["text"], ref["text_sum"]) < 1e-12
+    image_layers = {n for n, e in manifest["layers"].items() if e["side"] == "image"}
+    assert set(ref["sums"]) == set(ref["plan"])
+    for t in ref["plan"]:
+        assert set(ref["sums"][t]) == image_layers
+        for name in image_layers:
+            assert manifest["image_rows"][str(t)][name] == ref["rows"][t][name]
+            assert rel_err(sums[(t, name)], ref["sums"][t][name]) < 1e-12, (t, name)
+    # The global covariance is the mean over timesteps of the per-timestep means.
+    glob = store.read_covariance(RunDir(str(run_dir)), "global")
+    for name in image_layers:
+        mean = sum(ref["sums"][t][name] / ref["rows"][t][name] for t in ref["plan"]) / len(ref["plan"])
+        assert rel_err(glob[name], mean) < 1e-12
+    assert summary["prompts"] == 12 and summary["holdout_prompts"] == 4 and not summary["reused"]
+
+
+def test_float32_products_error_against_float64(ref):
+    """The default product dtype: XᵀX in float32 per batch, added in float64 — measured against all-float64."""
+    ks = ref["float32"]
+    worst = max(rel_err(ks.image_sums[t][n], ref["sums"][t][n]) for t in ref["plan"] for n in ref["sums"][t])
+    print(f"float32 products: worst relative Frobenius error {worst:.2e}")
+    assert 0 < worst < 1e-6
+    assert all(ks.image_rows[t][n] == ref["rows"][t][n] for t in ref["plan"] for n in ref["sums"][t])
+
+
+def test_one_actor_gives_the_same_sums(base, tmp_path):
+    config, run_dir, _ = base
+    build_covariance(make_config(tmp_path / "one", "covariance.num_workers=1"))
+    m1, one = raw_sums(tmp_path / "one")
+    m2, two = raw_sums(run_dir)
+    assert m1["image_rows"] == m2["image_rows"] and m1["text_rows"] == m2["text_rows"]
+    assert one.keys() == two.keys()
+    assert all(rel_err(one[k], two[k]) < 1e-12 for k in one)
+
+
+@pytest.fixture(scope="module")
+def failed_and_forced(base, tmp_path_factory):
+    """A copy of the base run (plus a stale file) rebuilt with --force, another threshold and an actor that dies."""
+    _, run_dir, _ = base
+    copy = tmp_path_factory.mktemp("forced") / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "covariance" / "t0999.safetensors").write_bytes(b"stale")
+    config = make_config(copy, "covariance.fail_after_batches=2", "projection.threshold.kind=energy",
+                         "projection.threshold.value=1e-4")
+    summary = build_covariance(config, force=True)
+    return copy, summary
+
+
+def test_actor_failure_gives_the_same_sums_and_counts(base, failed_and_forced):
+    copy, summary = failed_and_forced
+    assert summary["actor_failures"] == 1
+    m1, failed = raw_sums(copy)
+    m2, clean = raw_sums(base[1])
+    assert m1["text_rows"] == m2["text_rows"] and m1["image_rows"] == m2["image_rows"]
+    assert failed.keys() == clean.keys()
+    assert all(rel_err(failed[k], clean[k]) < 1e-12 for k in failed)
+
+
+def test_force_overwrites_a_different_run_completely(failed_and_forced):
+    copy, _ = failed_and_forced
+    manifest = store.read_manifest(RunDir(str(copy)))
+    assert manifest["threshold"] == {"kind": "energy", "value": 1e-4}
+    assert not (copy / "covariance" / "t0999.safetensors").exists()
+    expected = {f"t{t:04d}.safetensors" for t in manifest["timesteps"]} | {"text.safetensors", "global.safetensors"}
+    assert {p.name for p in (copy / "covariance").iterdir()} == expected | {"manifest.json"}
+    assert {p.name for p in (copy / "projection").iterdir()} == expected
+
+
+def test_a_different_config_is_refused_before_any_work(base):
+    config, run_dir, _ = base
+    before = (run_dir / "covariance" / "manifest.json").read_bytes()
+    other = make_config(run_dir, "sampling.num_inference_steps=4", "projection.threshold.value=0.01")
+    with pytest.raises(NullBoothError) as err:
+        build_covariance(other)
+    message = str(err.value)
+    assert "pass --force" in message
+    assert "sampling.num_inference_steps: run has 3, config has 4" in message
+    assert "projection.threshold.value: run has 0.001, config has 0.01" in message
+    assert "timesteps: run has" in message
+    assert (run_dir / "covariance" / "manifest.json").read_bytes() == before
+
+
+def test_matching_run_is_reused_and_another_model_refused(base, tmp_path):
+    config, run_dir, _ = base
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    summary = build_covariance(config)
+    assert summary["reused"] and summary["text_rows"] == 12 * 32 * 2
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == stamps
+    # Same config, different weights: the fingerprint in the manifest no longer matches the model.
+    copy = tmp_path / "other-model"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "covariance" / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0123456789abcdef"
+    (copy / "covariance" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NullBoothError, match="model fingerprint: run was built on UNet 0123456789abcdef"):
+        build_covariance(make_config(copy))
+
+
+def test_bases_and_covariances_for_every_protected_layer(base, ref):
+    _, run_dir, _ = base
+    run = RunDir(str(run_dir))
+    manifest = store.read_manifest(run)
+    text_basis = store.read_projection(run, "text")["basis"]
+    for which in ["global", *manifest["timesteps"]]:
+        bases = store.load_bases(run, manifest, which)
+        covs = store.load_layer_covariances(run, manifest, which)
+        assert set(bases) == set(covs) == set(manifest["layers"])
+        for name, entry in manifest["layers"].items():
+            d, u, c = entry["in_features"], bases[name], covs[name]
+            assert u.dtype == c.dtype == torch.float64 and c.shape == (d, d)
+            if entry["side"] == "text":
+                assert torch.equal(u, text_basis.double())
+                assert rel_err(c, ref["text_sum"] / ref["text_rows"]) < 1e-12
+            else:
+                dims = manifest["null_dims"]
+                k = dims["global"][name] if which == "global" else dims["timesteps"][str(which)][name]
+                assert u.shape == (d, k)
+            assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-10)
+            # U spans directions the preserved keys barely reach: tr(UᵀCU) ≤ k·τ
+            assert float(torch.trace(u.T @ c @ u)) <= u.shape[1] * 1e-3 * float(torch.linalg.eigvalsh(c).max()) + 1e-12
+    with pytest.raises(NullBoothError, match="timestep 5 is not one of the run's collected timesteps"):
+        store.load_bases(run, manifest, 5)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda m: m.pop("timesteps"), "required field 'timesteps' is missing"),
+    (lambda m: m.update(text_rows="many"), "field 'text_rows' must be a positive integer"),
+    (lambda m: m.update(format_version=99), "format_version is 99"),
+    (lambda m: m["layers"][next(iter(m["layers"]))].update(side="text"), "field 'layers' must be"),
+    (lambda m: m["layers"].update({"../../etc/passwd": {"in_features": 4, "side": "image"}}), "field 'layers' must be"),
+    (lambda m: next(iter(m["image_rows"].values())).popitem(), "field 'image_rows' must count every image-side layer"),
+    (lambda m: m["null_dims"]["timesteps"].popitem(), "field 'null_dims' must list every image-side layer"),
+])
+def test_a_tampered_manifest_is_refused(base, tmp_path, tamper, message):
+    _, run_dir, _ = base
+    shutil.copytree(run_dir / "covariance", tmp_path / "covariance")
+    path = tmp_path / "covariance" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    tamper(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(NullBoothError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        store.read_manifest(RunDir(str(tmp_path)))
+
+
+def test_manifest_that_is_not_json_or_lies_about_shapes(base, tmp_path):
+    _, run_dir, _ = base
+    shutil.copytree(run_dir, tmp_path / "run")
+    path = tmp_path / "run" / "covariance" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text("{not json")
+    with pytest.raises(NullBoothError, match="manifest.json is not valid JSON"):
+        store.read_manifest(RunDir(str(tmp_path / "run")))
+    name = next(n for n, e in manifest["layers"].items() if e["side"] == "image")
+    manifest["null_dims"]["global"][name] += 1
+    path.write_text(json.dumps(manifest))
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(NullBoothError, match=f"tensor '{name}.basis' has shape"):
+        store.load_bases(run, store.read_manifest(run), "global")
+
+
+def test_lcm_backend_matches_its_reference(ray_local, tmp_path):
+    config = make_config(tmp_path / "lcm", "sampling.num_inference_steps=2", yaml="tiny-lcm.yaml")
+    build_covariance(config)
+    expected = reference(config)
+    manifest, sums = raw_sums(tmp_path / "lcm")
+    assert manifest["backend"] == "lcm" and manifest["uses_guidance"] is False
+    assert manifest["scheduler"]["class"] == "LCMScheduler" and manifest["timesteps"] == expected["plan"]
+    assert manifest["text_rows"] == expected["text_rows"] == 12 * 32  # no negative branch
+    assert rel_err(sums["text"], expected["text_sum"]) < 1e-12
+    for t in expected["plan"]:
+        for name, s in expected["sums"][t].items():
+            assert manifest["image_rows"][str(t)][name] == expected["rows"][t][name]
+            assert rel_err(sums[(t, name)], s) < 1e-12
