@@ -1,0 +1,164 @@
+"""Run every ratio benchmark of the project and write the table at the top of benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py                  # all benchmarks, CPU: tiny model and SD1.5-shaped UNet ratios
+    python benchmarks/run_all.py --device cuda    # on a GPU machine: adds absolute SD1.5-shaped figures
+    python benchmarks/run_all.py --quick          # smoke run: smallest sizes, prints, writes nothing
+    python benchmarks/run_all.py --only eigh      # one benchmark (bench_eigh.py); its rows are replaced
+
+Every `benchmarks/bench_*.py` is found by name and run in its own process (its own Ray; one crash doesn't stop the
+others). The contract (benchmarks/common.py): `run(device: str = "cpu", quick: bool = False) -> list[dict]` with
+keys figure, value, ratio, target, note. A script with another interface gets a thin adapter in ADAPTERS below.
+
+RESULTS.md keeps the rows of other devices and benchmarks: a run replaces only the rows of the (benchmark, device)
+pairs it ran. Sections below the table belong to the benchmarks' authors and are kept as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+DATA = re.compile(r"<!-- results-data: (.*?) -->", re.S)
+
+
+# Benchmark name -> function(module, device, quick) returning contract rows, for scripts whose `run` differs.
+ADAPTERS: dict[str, Callable] = {}
+
+
+def discover() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+
+
+def run_one(name: str, device: str, quick: bool) -> list[dict]:
+    """Import benchmarks/bench_<name>.py in this process and return its rows (the child side of `run_isolated`)."""
+    sys.path[:0] = [str(ROOT), str(HERE)]
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    if name in ADAPTERS:
+        return ADAPTERS[name](module, device, quick)
+    if not hasattr(module, "run"):
+        raise RuntimeError(f"benchmarks/bench_{name}.py has no run(device, quick) and no adapter in run_all.py")
+    return module.run(device=device, quick=quick)
+
+
+def run_isolated(name: str, device: str, quick: bool, timeout: float) -> tuple[list[dict], float]:
+    """Run one benchmark in a child process; a failure becomes one row saying so."""
+    start = time.time()
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--child", name, "--device", device, "--json-out", out.name]
+        if quick:
+            cmd.append("--quick")
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+            if proc.returncode == 0:
+                return json.loads(Path(out.name).read_text()), time.time() - start
+            reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            reason = f"timed out after {timeout:.0f} s"
+    return [{"figure": f"bench_{name}", "value": None, "ratio": None, "target": None,
+             "note": f"FAILED: {reason}"}], time.time() - start
+
+
+def command(name: str, device: str) -> str:
+    return f"python benchmarks/run_all.py --only {name}" + (" --device cuda" if device == "cuda" else "")
+
+
+def met(ratio: float | None, target: str | None) -> str:
+    """'yes'/'no' when the target is a bound like '≥ 1.5' or '≤ 1.3', else ''."""
+    match = re.match(r"\s*([≥≤])\s*([0-9.]+)", target or "")
+    if ratio is None or not match:
+        return ""
+    bound = float(match.group(2))
+    return "yes" if (ratio >= bound if match.group(1) == "≥" else ratio <= bound) else "no"
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| figure | value | ratio | target | met | machine | command |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for i, r in enumerate(rows, 1):
+        ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "–"
+        lines.append(f"| {r['figure']} [{i}] | {_fmt(r['value'])} | {ratio} | {r['target'] or '–'} | "
+                     f"{met(r['ratio'], r['target'])} | {r['machine']} | `{r['command']}` |")
+        notes.append(f"{i}. {r['note']} ({r['date']})")
+    data = json.dumps(rows, ensure_ascii=False)
+    return "\n".join([START, "", *lines, "", *notes, "", f"<!-- results-data: {data} -->", END])
+
+
+def write_results(new_rows: list[dict], ran: set[tuple[str, str]]) -> None:
+    """Replace the rows of the (benchmark, device) pairs that ran; keep everything else in RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    old_rows = json.loads(DATA.search(text).group(1)) if DATA.search(text) else []
+    kept = [r for r in old_rows if (r["bench"], r["device"]) not in ran]
+    rows = sorted(kept + new_rows, key=lambda r: (r["bench"], r["device"] != "cpu"))
+    table = render(rows)
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        text = before + table + rest.split(END, 1)[1]
+    else:
+        header = ("# Benchmark results\n\nWritten by `python benchmarks/run_all.py` (see its docstring); ratios are "
+                  "medians measured side by side in one run. Sections below the table are the benchmarks' own.\n\n")
+        text = header + table + "\n" + text
+    RESULTS.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: smallest sizes; prints, writes nothing")
+    parser.add_argument("--only", action="append", default=None, help="benchmark name (bench_<name>.py); repeatable")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        rows = run_one(args.child, args.device, args.quick)
+        Path(args.json_out).write_text(json.dumps(rows))
+        return 0
+
+    sys.path[:0] = [str(ROOT)]
+    from benchmarks.common import machine
+
+    names = args.only or discover()
+    unknown = sorted(set(names) - set(discover()))
+    if unknown:
+        parser.error(f"no benchmarks/bench_{unknown[0]}.py (have: {', '.join(discover())})")
+    where = machine(args.device)
+    date = time.strftime("%Y-%m-%d")
+    all_rows = []
+    for name in names:
+        rows, seconds = run_isolated(name, args.device, args.quick, args.timeout)
+        print(f"bench_{name} ({seconds:.0f} s):")
+        for r in rows:
+            r.update(bench=name, device=args.device, machine=where, command=command(name, args.device), date=date)
+            ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "–"
+            print(f"  {r['figure']}: value {_fmt(r['value'])}, ratio {ratio}, target {r['target'] or '–'}"
+                  f"{'  [' + met(r['ratio'], r['target']) + ']' if met(r['ratio'], r['target']) else ''}")
+            print(f"    {r['note']}")
+        all_rows.extend(rows)
+    if not (args.quick or args.no_write):
+        write_results(all_rows, {(n, args.device) for n in names})
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 1 if any(str(r["note"]).startswith("FAILED") for r in all_rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
