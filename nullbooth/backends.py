@@ -73,7 +73,10 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     """A short hash of the UNet's config and weights: a run's statistics belong to exactly one model."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    # `_name_or_path` is where the files were read from (a cache folder, or `.../unet` when loaded through a
+    # pipeline): not part of the model, so the same UNet gets the same fingerprint however it was loaded.
+    config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(unet.state_dict().items()):
         digest.update(name.encode())
         # A strided sample of every tensor keeps this fast for SD1.5 (860M parameters) yet sensitive to any
