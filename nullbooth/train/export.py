@@ -1,0 +1,61 @@
+"""The trained LoRA in diffusers format, and its publication to `run_dir/lora/`.
+
+What is written is the EFFECTIVE adapter: in global mode the down-projection `A·U·Uᵀ` (the parametrization's output),
+not the raw parameter. The state dict has exactly the keys PEFT's `get_peft_model_state_dict` gives for a plain
+LoRA, converted with diffusers' `convert_state_dict_to_diffusers` and saved by the pipeline class's own
+`save_lora_weights` with the adapter metadata (rank, alpha), so stock `pipe.load_lora_weights(run_dir + "/lora")`
+followed by `fuse_lora()` reproduces the trained UNet.
+
+Rank 0 writes this into every checkpoint; the driver copies the final checkpoint's files to `run_dir/lora/`
+(atomically, weights first, `report.json` last).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nullbooth.storage import RunDir
+from nullbooth.train.projection import LoraPair
+
+LORA_DIR = "lora"
+WEIGHTS = "pytorch_lora_weights.safetensors"
+REPORT = "report.json"
+
+
+def peft_state_dict(pairs: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
+    """PEFT-format keys ("<layer>.lora_A.weight", "<layer>.lora_B.weight") with the effective, detached weights."""
+    out = {}
+    for name, pair in pairs.items():
+        out[f"{name}.lora_A.weight"] = pair.down.weight.detach().float().cpu().contiguous()
+        out[f"{name}.lora_B.weight"] = pair.up.weight.detach().float().cpu().contiguous()
+    return out
+
+
+def save_lora(pipeline_class: type, directory: str | Path, pairs: dict[str, LoraPair],
+              lora_config: dict[str, Any]) -> None:
+    """Write `pytorch_lora_weights.safetensors` into `directory` with diffusers' own writer."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = convert_state_dict_to_diffusers(peft_state_dict(pairs))
+    pipeline_class.save_lora_weights(str(directory), unet_lora_layers=layers, weight_name=WEIGHTS,
+                                     safe_serialization=True, unet_lora_adapter_metadata=lora_config)
+
+
+def publish(run: RunDir, checkpoint_dir: str | Path) -> str:
+    """Copy a checkpoint's LoRA and report into `run_dir/lora/`; returns its location."""
+    source = Path(checkpoint_dir)
+    run.write_bytes(f"{LORA_DIR}/{WEIGHTS}", (source / LORA_DIR / WEIGHTS).read_bytes())
+    run.write_bytes(f"{LORA_DIR}/{REPORT}", (source / REPORT).read_bytes())
+    return run.uri(LORA_DIR)
+
+
+def local_checkpoint_copy(checkpoint) -> tuple[str, Any]:
+    """(local folder, cleanup) for a ray.train.Checkpoint, on local disk or in cloud storage."""
+    if checkpoint.filesystem is not None and type(checkpoint.filesystem).__name__ == "LocalFileSystem":
+        return checkpoint.path, lambda: None
+    temp = tempfile.TemporaryDirectory(prefix="nullbooth-ckpt-")
+    return checkpoint.to_directory(temp.name), temp.cleanup

@@ -1,0 +1,229 @@
+"""Stage 2, `train(config)`: projected LoRA DreamBooth on Ray Train, from checks to the exported LoRA.
+
+1. Check what a user can get wrong before any worker starts: the instance images (every file must be an image),
+   the statistics run (its manifest must match this config and model: backend, model fingerprint, sampler,
+   prompts, layers, threshold) and the LoRA targets (each needs a basis unless `projection.allow_unprotected`).
+   The model is inspected by one small Ray task (its fingerprint and linear layers), so the driver loads no weights.
+2. A run whose name already holds a finished checkpoint of this configuration returns at once (re-exported).
+3. Prior preservation: missing class images are sampled by Ray Data batch inference and cached in run_dir.
+4. `TorchTrainer` runs `loop.train_loop_per_worker` on `train.num_workers` workers with DDP; RunConfig's
+   storage_path/name make a re-run resume from the latest checkpoint, FailureConfig lets Ray Train restart failed
+   workers from it.
+5. The final checkpoint's diffusers-format LoRA and report.json are copied to `run_dir/lora/`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from nullbooth.backends import get_backend, model_fingerprint
+from nullbooth.cluster import connect
+from nullbooth.config import Config
+from nullbooth.entry import user_error
+from nullbooth.errors import NullBoothError
+from nullbooth.storage import RunDir, is_uri
+from nullbooth.train.checkpoint import REPORT, STATE, signature_mismatches
+from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
+from nullbooth.train.export import local_checkpoint_copy, publish
+from nullbooth.train.projection import ProjectionPlan, plan_projection
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Train the LoRA of `config` (resuming or returning at once when its run name has progress); returns a summary."""
+    started = time.time()
+    tc = config.train
+    images = open_instance_images(tc.instance_data_dir)  # user errors first, before Ray starts
+    run = RunDir(config.run_dir)
+    manifest = _read_statistics(config, run)
+    connect(config.ray)
+    probe = ray.get(_probe.remote(config))
+    if manifest is not None:
+        from nullbooth.stats.store import manifest_mismatches
+
+        diffs = manifest_mismatches(manifest, config, probe["fingerprint"])
+        if diffs:
+            raise NullBoothError(f"{run.uri('covariance/manifest.json')}: the statistics run was made for another "
+                                 f"model or config; rebuild it (nullbooth build-cov --force) or use another run_dir. "
+                                 f"Differences: {'; '.join(diffs)}")
+    plan = plan_projection(config, manifest, probe["targets"])
+    resolution = tc.resolution or probe["native_resolution"]
+    signature = training_signature(config, plan, probe, manifest, resolution)
+    experiment = f"{storage_location(config)}/{tc.name}"
+
+    finished = _finished_checkpoint(experiment, signature, tc.max_train_steps)
+    if finished is not None:
+        return _summarize(config, run, finished, started, already_finished=True)
+
+    instance = stack_images([img for _, img in images], resolution)
+    klass = stack_images(ensure_class_images(config), resolution) if tc.with_prior_preservation else None
+    loop_config = {"config": config, "plan": plan, "signature": signature, "experiment": experiment,
+                   "instance_images": ray.put(instance), "class_images": ray.put(klass) if klass is not None else None}
+    result = _fit(config, loop_config)
+    return _summarize(config, run, result.checkpoint, started, already_finished=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _read_statistics(config: Config, run: RunDir) -> dict | None:
+    """The run's manifest; None only for projection.mode none without statistics (nothing is measured then)."""
+    from nullbooth.stats.store import has_manifest, read_manifest
+
+    if config.projection.mode == "none" and not has_manifest(run):
+        return None
+    return read_manifest(run)
+
+
+@ray.remote(num_cpus=1)
+def _probe(config: Config) -> dict[str, Any]:
+    """What the driver needs to know about the model: fingerprint, LoRA targets, native resolution."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from nullbooth.backends import DTYPES
+    from nullbooth.layers import find_protected_layers
+
+    backend = get_backend(config)
+    kwargs = {"subfolder": "unet", "revision": config.model.revision, "torch_dtype": DTYPES[config.model.dtype]}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(backend.location, **kwargs)
+        vae_config = AutoencoderKL.load_config(backend.location, subfolder="vae", revision=config.model.revision)
+    except (OSError, ValueError) as err:
+        raise NullBoothError(f"model.path: cannot load the UNet of {config.model.path!r}: {err}") from None
+    backend.check_unet(unet)
+    patterns = config.train.target_modules or config.covariance.layers
+    key = "train.target_modules" if config.train.target_modules else "covariance.layers"
+    targets = find_protected_layers(unet, patterns, key=key)
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return {"fingerprint": model_fingerprint(unet),
+            "targets": {name: int(layer.in_features) for name, layer in targets.items()},
+            "native_resolution": int(unet.config.sample_size) * vae_scale}
+
+
+def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manifest: dict | None,
+                       resolution: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (the rest, e.g. max_train_steps or workers, may change)."""
+    tc = config.train
+    return {"backend": config.model.backend, "model": config.model.path, "fingerprint": probe["fingerprint"],
+            "mode": plan.mode, "targets": list(plan.targets), "protected": plan.protected,
+            "threshold": manifest["threshold"] if manifest else None, "rank": tc.rank, "alpha": tc.alpha,
+            "seed": tc.seed, "learning_rate": tc.learning_rate, "lr_scheduler": tc.lr_scheduler,
+            "lr_warmup_steps": tc.lr_warmup_steps, "resolution": resolution, "instance_prompt": tc.instance_prompt,
+            "with_prior_preservation": tc.with_prior_preservation}
+
+
+def storage_location(config: Config) -> str:
+    """Ray Train's storage_path: train.storage_path, else run_dir/train (local paths made absolute)."""
+    location = config.train.storage_path or f"{config.run_dir.rstrip('/')}/train"
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def _fit(config: Config, loop_config: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from nullbooth.train.loop import train_loop_per_worker
+
+    tc = config.train
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(storage_path=storage_location(config), name=tc.name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)))
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - only a user error raised inside a worker is translated
+        found = _worker_user_error(err)
+        if found is not None:
+            raise found from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train finished without a checkpoint")  # the loop always checkpoints its last step
+    return result
+
+
+def _worker_user_error(err: BaseException) -> NullBoothError | None:
+    """The NullBoothError a worker raised (Ray Train wraps it in a WorkerGroupError), if any."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for failure in list(failures.values()) + [err]:
+        found = user_error(failure)
+        if found is not None:
+            return found
+    return None
+
+
+def _finished_checkpoint(experiment: str, signature: dict[str, Any], max_train_steps: int):
+    """The latest checkpoint of `experiment` if it already reached max_train_steps with this signature, else None.
+
+    A checkpoint of another configuration is refused with what differs."""
+    import json
+
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(experiment)
+    except (RuntimeError, FileNotFoundError, OSError, ValueError):
+        return None  # no such run yet (or no checkpoint manager snapshot)
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = json.loads(Path(directory, STATE).read_text())
+    diffs = signature_mismatches(state["signature"], signature)
+    if diffs:
+        raise NullBoothError(f"train.name {experiment.rsplit('/', 1)[-1]!r}: {experiment} holds a run with another "
+                             f"configuration ({'; '.join(diffs)}); choose another train.name or storage_path")
+    return checkpoint if state["step"] >= max_train_steps else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export and summary
+
+
+def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_finished: bool) -> dict[str, Any]:
+    import json
+
+    directory, cleanup = local_checkpoint_copy(checkpoint)
+    try:
+        lora_dir = publish(run, directory)
+        with open(os.path.join(directory, REPORT)) as f:
+            report = json.load(f)
+    finally:
+        cleanup()
+    preservation = report.get("preservation") or {}
+    summary = {"run_dir": run.uri(), "lora_dir": lora_dir, "checkpoint": checkpoint.path,
+               "already_finished": already_finished, "mode": report["mode"], "steps": report["step"],
+               "final_loss": report["final_loss"], "preservation_error": preservation.get("overall"),
+               "resumed_from": report["resumed_from"], "elapsed_s": round(time.time() - started, 2), "report": report}
+    print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    report = summary["report"]
+    head = "already finished, re-exported" if summary["already_finished"] else "trained"
+    error = summary["preservation_error"]
+    evals = report["eval_loss"]
+    lines = [f"nullbooth train: {head} {summary['steps']} steps ({summary['mode']}) -> {summary['lora_dir']}",
+             f"  final loss {_g(summary['final_loss'])}, eval loss {_g(evals['initial'])} -> {_g(evals['final'])}, "
+             f"preservation error {_g(error)}"
+             + (f", resumed from step(s) {summary['resumed_from']}" if summary["resumed_from"] else "")]
+    if report["unprotected"] and report["mode"] != "none":
+        lines.append(f"  unprotected LoRA targets (no basis): {', '.join(report['unprotected'])}")
+    return "\n".join(lines)
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

@@ -1,0 +1,330 @@
+"""One training replica: the frozen pipeline, the PEFT LoRA on its UNet, the projection, the optimizer and one step.
+
+`Worker` holds no Ray state, so tests drive it in-process; `loop.py` runs one per Ray Train worker and adds DDP,
+reporting and checkpoint hand-off.
+
+Loss. SD: the DreamBooth denoising loss — MSE between the UNet's prediction and the noise (epsilon) or the velocity
+(v-prediction), at timesteps drawn uniformly from [0, num_train_timesteps), on VAE latents of the images with the
+(frozen) text encoder's embedding of the instance prompt. LCM: the same loss on the LCM UNet, called exactly as its
+sampler calls it, with the guidance embedding `timestep_cond` of the configured guidance scale. A consistency-
+distillation loss would need a teacher model and an ODE solver; the denoising loss fine-tunes the subject into the
+UNet's noise predictor, which is what the LCM's consistency function is built on, and keeps the LCM's sampler,
+step count and guidance embedding unchanged at generation. With prior preservation, class images join the batch
+and their loss is added with weight `train.prior_loss_weight`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nullbooth.backends import get_backend
+from nullbooth.config import Config
+from nullbooth.errors import NullBoothError
+from nullbooth.storage import RunDir
+from nullbooth.train.checkpoint import TrainingState, rng_state, set_rng_state, signature_mismatches
+from nullbooth.train.data import StepDraw, _mix, draw_step, to_pixels
+from nullbooth.train.preservation import PreservationMeter
+from nullbooth.train.projection import (ProjectionPlan, TimestepBuckets, TimestepProjector, attach_global,
+                                        effective_delta, lora_pairs)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Worker:
+    """Everything one replica needs to train; `rank`/`world` only choose its slice of each global batch."""
+
+    def __init__(self, config: Config, plan: ProjectionPlan, instance_images: np.ndarray,
+                 class_images: np.ndarray | None, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                 signature: dict[str, Any] | None = None, measure: bool = True):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        self.config, self.plan, self.rank, self.world = config, plan, rank, world
+        self.tc = tc = config.train
+        self.signature = signature or {}
+        self.device = torch.device(device)
+        self.backend = get_backend(config)
+        use_amp = self.device.type == "cuda" and tc.mixed_precision != "no"
+        self.amp_dtype = WEIGHT_DTYPES[tc.mixed_precision] if use_amp else None
+        self.pipe = pipe = self.backend.load_pipeline(self.device, dtype=self.amp_dtype or torch.float32)
+        self.unet = unet = pipe.unet
+        self.weight_dtype = self.amp_dtype or torch.float32  # cached: diffusers' `unet.dtype` walks every parameter
+        for module in (unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+
+        # Data: VAE posteriors (mean, std) and prompt embeddings, computed once; the text encoder is frozen.
+        self.instance = self._encode_images(instance_images)
+        self.instance_text = self.backend.encode(pipe, [tc.instance_prompt])[0].detach()
+        self.klass = self._encode_images(class_images) if class_images is not None else None
+        self.class_text = (self.backend.encode(pipe, [tc.class_prompt])[0].detach()
+                           if self.klass is not None else None)
+        self.latent_shape = tuple(self.instance[0].shape[1:])
+
+        # LoRA: the same initial weights on every rank and for any worker count (DreamBooth's gaussian init).
+        torch.manual_seed(tc.seed)
+        unet.add_adapter(LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
+                                    init_lora_weights="gaussian", target_modules=list(plan.targets)))
+        self.lora_config = unet.peft_config["default"].to_dict()
+        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        for p in self.trainable.values():
+            p.data = p.data.float()  # LoRA trains in float32 even when the frozen weights are fp16/bf16
+        self.pairs = lora_pairs(unet, list(plan.targets))
+        protected = {name: self.pairs[name] for name in plan.protected}
+        self.buckets = self.projector = None
+        run = RunDir(config.run_dir)
+        manifest = self._manifest(run) if plan.has_statistics else None
+        if plan.mode == "global" and protected:
+            from nullbooth.stats.store import load_bases
+
+            attach_global(protected, load_bases(run, manifest, "global"))
+            self.pairs = lora_pairs(unet, list(plan.targets))  # the parametrized modules
+            self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        elif plan.mode == "timestep" and protected:
+            from nullbooth.stats.store import load_bases
+
+            self.buckets = TimestepBuckets(plan.timesteps, self.num_train_timesteps)
+            self.projector = TimestepProjector(protected, {t: load_bases(run, manifest, t) for t in plan.timesteps})
+        self.meter = self._meter(run, manifest) if measure and manifest is not None and plan.protected else None
+        if tc.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.learning_rate)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_train_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.model: torch.nn.Module = unet  # replaced by its DDP wrapper in a multi-worker run
+        self.step = 0
+        self.samples_seen = 0
+        self.loss_history: list[float] = []
+        self.eval_loss_initial: float | None = None
+        self.resumed_from: list[int] = []
+        _seed_globals(tc.seed, rank)
+
+    # -- setup helpers ---------------------------------------------------------------------------------------------
+    def _manifest(self, run: RunDir) -> dict:
+        from nullbooth.stats.store import read_manifest
+
+        return read_manifest(run)
+
+    def _meter(self, run: RunDir, manifest: dict) -> PreservationMeter:
+        from nullbooth.stats.store import load_layer_covariances
+
+        names = self.plan.protected
+        modules = dict(self.unet.named_modules())
+        weights = {name: modules[name].base_layer.weight for name in names}
+        keep = lambda covs: {name: covs[name] for name in names}  # noqa: E731
+        return PreservationMeter(weights, keep(load_layer_covariances(run, manifest, "global")),
+                                 {t: keep(load_layer_covariances(run, manifest, t)) for t in manifest["timesteps"]})
+
+    @torch.no_grad()
+    def _encode_images(self, images: np.ndarray | None, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the VAE posterior of every image, float32 on the device."""
+        if images is None or len(images) == 0:
+            return None
+        vae = self.pipe.vae
+        means, stds = [], []
+        for start in range(0, len(images), chunk):
+            pixels = to_pixels(images[start:start + chunk]).to(self.device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    # -- one optimizer step ----------------------------------------------------------------------------------------
+    def global_batch(self) -> int:
+        return self.world * self.tc.train_batch_size * self.tc.gradient_accumulation_steps
+
+    def draw(self, step: int) -> StepDraw:
+        return draw_step(self.tc.seed, step, self.global_batch(), len(self.instance[0]), self.latent_shape,
+                         self.num_train_timesteps, self.buckets, len(self.klass[0]) if self.klass is not None else 0,
+                         start=self.samples_seen)
+
+    def _latents(self, posterior: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, eps: torch.Tensor):
+        mean, std = posterior
+        vae = self.pipe.vae.config
+        latents = mean[index] + std[index] * eps.to(self.device)
+        shift = getattr(vae, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.scaling_factor
+
+    def micro_loss(self, draw: StepDraw, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, float, float]:
+        """(weighted loss to backpropagate, instance loss, prior loss) of one micro-batch."""
+        model = model or self.model
+        b = len(draw.instance)
+        latents = self._latents(self.instance, draw.instance.to(self.device), draw.latent_eps)
+        noise, timesteps = draw.noise.to(self.device), draw.timesteps.to(self.device)
+        text = self.instance_text.expand(b, -1, -1)
+        if draw.klass is not None and self.klass is not None:
+            latents = torch.cat([latents, self._latents(self.klass, draw.klass.to(self.device), draw.class_eps)])
+            noise = torch.cat([noise, draw.class_noise.to(self.device)])
+            timesteps = torch.cat([timesteps, draw.class_timesteps.to(self.device)])
+            text = torch.cat([text, self.class_text.expand(b, -1, -1)])
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise NullBoothError(f"model.path: the scheduler's prediction_type {kind!r} is not supported for training "
+                                 "(epsilon or v_prediction)")
+        # backend.unet_forward's call, spelled out because a DDP wrapper hides the UNet's config (timestep_cond).
+        cond = self.backend.timestep_cond(self.unet, len(noisy))
+        autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            pred = model(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=text.to(self.weight_dtype),
+                         timestep_cond=cond, return_dict=False)[0]
+        instance_loss = F.mse_loss(pred[:b].float(), target[:b].float())
+        prior_loss = F.mse_loss(pred[b:].float(), target[b:].float()) if len(pred) > b else None
+        loss = instance_loss + self.tc.prior_loss_weight * prior_loss if prior_loss is not None else instance_loss
+        return loss, instance_loss.item(), prior_loss.item() if prior_loss is not None else 0.0
+
+    def train_step(self, draw: StepDraw | None = None) -> dict[str, float]:
+        """One optimizer step over this rank's share of the global batch; returns the global-mean losses."""
+        tc, step = self.tc, self.step + 1
+        draw = draw or self.draw(step)
+        per_micro = self.world * tc.train_batch_size
+        if self.projector is not None:
+            self.projector.snapshot()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for m in range(tc.gradient_accumulation_steps):
+            lo = m * per_micro + self.rank * tc.train_batch_size
+            last = m == tc.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync:
+                loss, inst, prior = self.micro_loss(draw.slice(slice(lo, lo + tc.train_batch_size)))
+                loss = loss / tc.gradient_accumulation_steps
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            totals += torch.tensor([inst, prior], dtype=torch.float64) / tc.gradient_accumulation_steps
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), tc.max_grad_norm)
+        lr = float(self.lr_scheduler.get_last_lr()[0])
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.projector is not None:
+            self.projector.project(draw.bucket)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = all_reduce_mean(totals, self.world)
+        self.step, self.samples_seen = step, self.samples_seen + self.global_batch()
+        self.loss_history.append(float(totals[0] + tc.prior_loss_weight * totals[1]))
+        return {"loss": self.loss_history[-1], "instance_loss": float(totals[0]), "prior_loss": float(totals[1]),
+                "lr": lr, "bucket": draw.bucket}
+
+    @torch.no_grad()
+    def eval_loss(self, n: int = 4) -> float:
+        """The instance loss on a fixed batch (fixed images, noise, evenly spread timesteps), dropout off."""
+        n = min(n, len(self.instance[0]))
+        draw = draw_step(_mix(self.tc.seed, 0xE7A1), 1, n, len(self.instance[0]), self.latent_shape,
+                         self.num_train_timesteps)
+        draw.instance = torch.arange(n)
+        draw.timesteps = torch.tensor([int((i + 0.5) * self.num_train_timesteps / n) for i in range(n)])
+        self.unet.eval()
+        try:
+            return self.micro_loss(draw, model=self.unet)[1]
+        finally:
+            self.unet.train()
+
+    # -- measurements ----------------------------------------------------------------------------------------------
+    def preservation(self) -> dict | None:
+        if self.meter is None:
+            return None
+        return self.meter.report({name: effective_delta(self.pairs[name]) for name in self.plan.protected})
+
+    def report(self, replica_max_abs_diff: float | None = None) -> dict[str, Any]:
+        """The summary written as report.json: what was trained and how well it preserves."""
+        tc, plan = self.tc, self.plan
+        return {"step": self.step, "max_train_steps": tc.max_train_steps, "mode": plan.mode,
+                "backend": self.config.model.backend, "model": self.config.model.path,
+                "rank": tc.rank, "alpha": tc.alpha, "targets": list(plan.targets), "protected": plan.protected,
+                "unprotected": plan.unprotected, "null_dims": plan.null_dims,
+                "num_workers": self.world, "global_batch_size": self.global_batch(),
+                "samples_seen": self.samples_seen, "loss_history": self.loss_history,
+                "final_loss": self.loss_history[-1] if self.loss_history else None,
+                "eval_loss": {"initial": self.eval_loss_initial, "final": self.eval_loss()},
+                "preservation": self.preservation(), "replica_max_abs_diff": replica_max_abs_diff,
+                "resumed_from": self.resumed_from, "signature": self.signature}
+
+    # -- resume ----------------------------------------------------------------------------------------------------
+    def restore(self, state: TrainingState) -> None:
+        """Continue from a checkpoint: LoRA parameters, optimizer, LR scheduler, counters and RNG states."""
+        diffs = signature_mismatches(state.signature, self.signature)
+        if diffs:
+            raise NullBoothError(f"train.name {self.tc.name!r}: its checkpoint was made with another configuration "
+                                 f"({'; '.join(diffs)}); use another train.name or storage_path")
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(state.trainable[name])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.step, self.samples_seen = state.step, state.samples_seen
+        report = state.report or {}
+        self.loss_history = list(report.get("loss_history", []))
+        self.eval_loss_initial = report.get("eval_loss", {}).get("initial")
+        self.resumed_from = list(report.get("resumed_from", [])) + [state.step]
+        if self.rank < len(state.rng):
+            set_rng_state(state.rng[self.rank])
+
+    def rng(self) -> dict[str, Any]:
+        return rng_state()
+
+    # -- validation images -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_grid(self, prompts: list[str]) -> bytes:
+        """PNG bytes of one row of images, one per prompt (prompt i sampled with seed sampling.seed + i)."""
+        from PIL import Image
+
+        self.unet.eval()
+        try:
+            cond, uncond = self.backend.encode(self.pipe, list(prompts))
+            generators = [torch.Generator().manual_seed(self.config.sampling.seed + i) for i in range(len(prompts))]
+            images = self.backend.sample(self.pipe, cond, uncond, generators, output_type="np")
+        finally:
+            self.unet.train()
+        tiles = [Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)) for img in images]
+        w, h = tiles[0].size
+        grid = Image.new("RGB", (w * len(tiles), h))
+        for i, tile in enumerate(tiles):
+            grid.paste(tile, (i * w, 0))
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean over ranks of a small CPU tensor (identity for one worker)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = values.to(backend_device)
+    dist.all_reduce(t)
+    return (t / world).cpu()
+
+
+def _seed_globals(seed: int, rank: int) -> None:
+    """Seed torch/numpy/python per rank (LoRA dropout draws from torch's global generator)."""
+    s = _mix(seed, 0xD20, rank)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+

@@ -1,0 +1,321 @@
+"""Training components in-process (no Ray): projection modes, timestep buckets, preservation metric, exact resume,
+diffusers export, data and configuration errors.
+
+The statistics run here is a small synthetic one written in the DESIGN layout with covariances of known spectrum
+(validated by the stats stage's own manifest checker), so every null space is known exactly; the end-to-end tests
+(test_train_ray.py) use the real statistics stage.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nullbooth.config import load_config
+from nullbooth.errors import NullBoothError
+from nullbooth.layers import find_protected_layers, key_side
+from nullbooth.nullspace import null_space, preservation_error
+from nullbooth.stats.store import FORMAT_VERSION, load_bases, read_manifest, validate_manifest
+from nullbooth.storage import RunDir
+from nullbooth.subject import draw_subject_image
+from nullbooth.train.checkpoint import load_training_state, save_training_state
+from nullbooth.train.data import open_instance_images, stack_images, take
+from nullbooth.train.export import save_lora
+from nullbooth.train.projection import TimestepBuckets, effective_delta, plan_projection
+from nullbooth.train.worker import Worker
+
+TIMESTEPS = [501, 1]
+NULL_IMAGE = {501: 10, 1: 6}  # null-space dimension of every image-side layer per timestep (global: the smaller)
+NULL_TEXT = 12
+
+
+def spd(q: torch.Tensor, null: int, gen: torch.Generator) -> torch.Tensor:
+    """Q diag(λ) Qᵀ: `null` eigenvalues near 1e-7 (the null space, on Q's first columns), the rest in [0.5, 2]."""
+    d = q.shape[0]
+    lam = torch.cat([torch.rand(null, generator=gen, dtype=torch.float64) * 1e-7 + 1e-8,
+                     torch.rand(d - null, generator=gen, dtype=torch.float64) * 1.5 + 0.5])
+    return (q * lam) @ q.T
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    from nullbooth.backends import resolve_model_location
+
+    return UNet2DConditionModel.from_pretrained(resolve_model_location("tiny"), subfolder="unet")
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory, tiny_unet):
+    """A complete statistics run for the tiny SD model with synthetic covariances (relative threshold 1e-3)."""
+    run_dir = str(tmp_path_factory.mktemp("train-unit") / "run")
+    run = RunDir(run_dir)
+    layers = {name: lin.in_features for name, lin in
+              find_protected_layers(tiny_unet, ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]).items()}
+    gen = torch.Generator().manual_seed(0)
+    q_text = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))[0]
+    text_cov = spd(q_text, NULL_TEXT, gen)
+    image = [n for n in layers if key_side(n) == "image"]
+    q = {n: torch.linalg.qr(torch.randn(layers[n], layers[n], generator=gen, dtype=torch.float64))[0] for n in image}
+    per_t = {t: {n: spd(q[n], NULL_IMAGE[t], gen) for n in image} for t in TIMESTEPS}
+    glob = {n: sum(per_t[t][n] for t in TIMESTEPS) / len(TIMESTEPS) for n in image}
+    run.write_tensors("covariance/text.safetensors", {"cov": text_cov})
+    basis, eig, _ = null_space(text_cov, "relative", 1e-3)
+    run.write_tensors("projection/text.safetensors", {"basis": basis, "eigenvalues": eig})
+    dims = {"text": basis.shape[1], "global": {}, "timesteps": {}}
+    for which, covs in [*per_t.items(), ("global", glob)]:
+        stem = "global" if which == "global" else f"t{which:04d}"
+        run.write_tensors(f"covariance/{stem}.safetensors", covs)
+        tensors, found = {}, {}
+        for n, c in covs.items():
+            b, e, _ = null_space(c, "relative", 1e-3)
+            tensors[f"{n}.basis"], tensors[f"{n}.eigenvalues"], found[n] = b, e, b.shape[1]
+        run.write_tensors(f"projection/{stem}.safetensors", tensors)
+        if which == "global":
+            dims["global"] = found
+        else:
+            dims["timesteps"][str(which)] = found
+    manifest = {"format_version": FORMAT_VERSION, "backend": "sd", "model": {"path": "tiny", "fingerprint": "0" * 16},
+                "scheduler": {"name": "ddim", "class": "DDIMScheduler", "config": {}}, "timesteps": TIMESTEPS,
+                "guidance_scale": 7.5, "uses_guidance": True, "prompts": ["a photo of a cat"], "holdout_prompts": [],
+                "text_rows": 1000, "image_rows": {str(t): {n: 100 for n in image} for t in TIMESTEPS},
+                "layers": {n: {"in_features": d, "side": key_side(n)} for n, d in layers.items()}, "dtype": "float64",
+                "threshold": {"kind": "relative", "value": 1e-3}, "null_dims": dims, "config": {}}
+    run.write_json("covariance/manifest.json", validate_manifest(manifest))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def images():
+    return stack_images([draw_subject_image(i, 32) for i in range(3)], 32)
+
+
+def make_config(run_dir, *overrides):
+    return load_config(None, [f"run_dir={run_dir}", "train.train_batch_size=2", "train.learning_rate=1e-2",
+                              "train.max_train_steps=8", *overrides])
+
+
+def make_worker(run_dir, images, *overrides):
+    config = make_config(run_dir, *overrides)
+    manifest = read_manifest(RunDir(run_dir))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest["layers"].items()})
+    torch.set_num_threads(1)
+    return Worker(config, plan, images, None), manifest
+
+
+def train_steps(worker, n):
+    for _ in range(n):
+        worker.train_step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projection modes
+
+
+def test_global_mode_keeps_every_update_in_the_null_space(fake_run, images):
+    worker, manifest = make_worker(fake_run, images, "projection.mode=global")
+    train_steps(worker, 3)
+    bases = load_bases(RunDir(fake_run), manifest, "global")
+    for name in worker.plan.protected:
+        up, down = effective_delta(worker.pairs[name])
+        dw = (up @ down).double()
+        u = bases[name]
+        assert float(dw.norm()) > 1e-4, name  # the update did move
+        # ΔW·(I − U Uᵀ) is zero to float32 rounding: no component on the kept (preserved) directions.
+        leak = dw - (dw @ u) @ u.T
+        assert float(leak.norm()) <= 1e-6 * float(dw.norm()), name
+        # The raw parameter is NOT in the null space: the parametrization is what enforces the constraint.
+        raw = worker.unet.get_submodule(name).lora_A["default"].parametrizations.weight.original.detach().double()
+        assert float((raw - (raw @ u) @ u.T).norm()) > 0.1 * float(raw.norm())
+
+
+def test_timestep_buckets_are_nearest_collected_timesteps():
+    collected = [751, 501, 251, 1]
+    buckets = TimestepBuckets(collected, 1000)
+    for t in range(1000):
+        best = min(sorted(collected), key=lambda c: (abs(t - c), c))  # ties to the smaller timestep
+        assert buckets.bucket(t) == best
+    assert buckets.bucket(0) == 1 and buckets.bucket(999) == 751
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        bucket, ts = buckets.draw(gen, 6)
+        assert {buckets.bucket(int(t)) for t in ts} == {bucket}
+        assert all(0 <= int(t) < 1000 for t in ts)
+        seen.add(bucket)
+    assert seen == set(collected)
+    with pytest.raises(ValueError):
+        buckets.bucket(1000)
+
+
+@pytest.mark.parametrize("t", [0, 999])
+def test_timestep_mode_projects_updates_with_the_bucket_basis_at_the_extremes(fake_run, images, t):
+    worker, manifest = make_worker(fake_run, images, "projection.mode=timestep")
+    train_steps(worker, 1)  # B is nonzero from here on, so A receives gradient
+    bucket = worker.buckets.bucket(t)
+    assert bucket == (1 if t == 0 else 501)
+    draw = worker.draw(worker.step + 1)
+    draw.timesteps = torch.full_like(draw.timesteps, t)
+    draw.bucket = bucket
+    before = {n: worker.pairs[n].down.weight.detach().clone().double() for n in worker.plan.protected}
+    worker.train_step(draw)
+    bases = load_bases(RunDir(fake_run), manifest, bucket)
+    moved = 0
+    for name in worker.plan.protected:
+        step = worker.pairs[name].down.weight.detach().double() - before[name]
+        u = bases[name]
+        assert float((step - (step @ u) @ u.T).norm()) <= 1e-5 * max(float(step.norm()), 1e-12), name
+        moved += float(step.norm()) > 0
+    assert moved == len(worker.plan.protected)
+
+
+def test_preservation_meter_equals_the_reference_formula(fake_run, images):
+    worker, manifest = make_worker(fake_run, images, "projection.mode=none")
+    train_steps(worker, 2)
+    report = worker.preservation()
+    from nullbooth.stats.store import load_layer_covariances
+
+    run = RunDir(fake_run)
+    for which in ["global", *TIMESTEPS]:
+        covs = load_layer_covariances(run, manifest, which)
+        got = report["per_layer"] if which == "global" else report["per_timestep"][str(which)]["per_layer"]
+        expected = {}
+        for name in worker.plan.protected:
+            up, down = effective_delta(worker.pairs[name])
+            weight = worker.unet.get_submodule(name).base_layer.weight
+            expected[name] = preservation_error(up.double() @ down.double(), covs[name], weight)
+            assert got[name] == pytest.approx(expected[name], rel=1e-9)
+        rms = float(np.sqrt(np.mean(np.square(list(expected.values())))))
+        overall = report["overall"] if which == "global" else report["per_timestep"][str(which)]["overall"]
+        assert overall == pytest.approx(rms, rel=1e-9)
+    assert report["overall"] > 1e-3  # plain LoRA moves the preserved outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume and export
+
+
+def test_resume_from_saved_state_is_exact(fake_run, images, tmp_path):
+    args = ("projection.mode=timestep", "train.dropout=0.3", "train.lr_scheduler=cosine", "train.lr_warmup_steps=2",
+            "train.gradient_accumulation_steps=2")
+    straight, _ = make_worker(fake_run, images, *args)
+    train_steps(straight, 4)
+    first, _ = make_worker(fake_run, images, *args)
+    train_steps(first, 2)
+    save_training_state(tmp_path, step=first.step, samples_seen=first.samples_seen, signature={"k": 1},
+                        trainable=first.trainable, optimizer=first.optimizer, lr_scheduler=first.lr_scheduler,
+                        rng=[first.rng()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.safetensors", "rng.safetensors", "state.json",
+                                                          "trainable.safetensors"]
+    resumed, _ = make_worker(fake_run, images, *args)
+    resumed.signature = {"k": 1}
+    resumed.restore(load_training_state(tmp_path))
+    assert resumed.step == 2 and resumed.samples_seen == 2 * 2 * 2
+    train_steps(resumed, 2)
+    for name, param in straight.trainable.items():
+        assert torch.equal(param, resumed.trainable[name]), name
+    assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
+    resumed.signature = {"k": 2}
+    with pytest.raises(NullBoothError, match=r"checkpoint was made with another configuration \(k: checkpoint has 1"):
+        resumed.restore(load_training_state(tmp_path))
+
+
+def test_export_loads_with_stock_diffusers_and_reproduces_the_unet(fake_run, images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from nullbooth.backends import resolve_model_location
+
+    worker, _ = make_worker(fake_run, images, "projection.mode=global", "train.rank=4", "train.alpha=8")
+    train_steps(worker, 3)
+    save_lora(StableDiffusionPipeline, tmp_path, worker.pairs, worker.lora_config)
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_location("tiny"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path))
+    pipe.fuse_lora()
+    gen = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 32, 64, generator=gen)
+    t = torch.tensor([3, 900])
+    worker.unet.eval()
+    with torch.no_grad():
+        trained = worker.unet(x, t, encoder_hidden_states=text).sample
+        stock = pipe.unet(x, t, encoder_hidden_states=text).sample
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        base = pipe.unet(x, t, encoder_hidden_states=text).sample
+    assert float((trained - base).abs().max()) > 1e-4  # the LoRA changes the output
+    torch.testing.assert_close(stock, trained, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and configuration errors
+
+
+def test_data_order_visits_every_image_once_per_epoch():
+    order = take(seed=3, start=0, count=15, n=5, stream=0)
+    for epoch in range(3):
+        assert sorted(order[5 * epoch:5 * epoch + 5].tolist()) == list(range(5))
+    assert not torch.equal(order[:5], order[5:10])  # a new permutation each epoch
+    assert torch.equal(take(3, 7, 4, 5, 0), order[7:11])  # any window of the sequence is reproducible
+
+
+def test_projection_plan_refuses_unprotected_targets_without_opt_in(fake_run):
+    manifest = read_manifest(RunDir(fake_run))
+    targets = {n: e["in_features"] for n, e in manifest["layers"].items()}
+    targets["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = 32
+    with pytest.raises(NullBoothError, match=r"train.target_modules: 1 LoRA target\(s\) have no null-space basis .*"
+                                             r"attn1.to_q\); .*projection.allow_unprotected: true"):
+        plan_projection(make_config(fake_run), manifest, targets)
+    plan = plan_projection(make_config(fake_run, "projection.allow_unprotected=true"), manifest, targets)
+    assert plan.unprotected == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert plan.protected == list(manifest["layers"])
+    none = plan_projection(make_config(fake_run, "projection.mode=none"), manifest, targets)
+    assert none.unprotected == plan.unprotected  # plain LoRA needs no opt-in
+    wrong = dict(targets, **{next(iter(manifest["layers"])): 999})
+    with pytest.raises(NullBoothError, match="in_features 32 in the run but 999 in the model"):
+        plan_projection(make_config(fake_run), manifest, wrong)
+    with pytest.raises(NullBoothError, match=r"projection.mode 'global' needs the statistics"):
+        plan_projection(make_config(fake_run), None, targets)
+
+
+def _train_with_images(tmp_path, folder):
+    from nullbooth.train.run import train
+
+    return train(make_config(tmp_path / "run", f"train.instance_data_dir={folder}"))
+
+
+def test_instance_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(NullBoothError, match=r"train.instance_data_dir: '.*nowhere' is not a directory"):
+        _train_with_images(tmp_path, tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(NullBoothError, match=r"train.instance_data_dir: '.*empty' holds no images"):
+        _train_with_images(tmp_path, empty)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    draw_subject_image(0, 32).save(bad / "a.png")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(NullBoothError, match=r"train.instance_data_dir: .*bad/b.png is not a readable image"):
+        _train_with_images(tmp_path, bad)
+    (bad / "b.png").unlink()
+    (bad / "notes.txt").write_text("not an image")
+    with pytest.raises(NullBoothError, match=r".*bad/notes.txt is not a readable image"):
+        _train_with_images(tmp_path, bad)
+    (bad / "notes.txt").unlink()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(bad / "c.jpg")
+    loaded = open_instance_images(str(bad))
+    assert [name for name, _ in loaded] == ["a.png", "c.jpg"]
+    assert stack_images([img for _, img in loaded], 16).shape == (2, 16, 16, 3)
+
+
+def test_checkpoint_state_is_plain_json(fake_run, images, tmp_path):
+    worker, _ = make_worker(fake_run, images, "projection.mode=none")
+    train_steps(worker, 1)
+    save_training_state(tmp_path, step=1, samples_seen=2, signature={}, trainable=worker.trainable,
+                        optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler, rng=[worker.rng()])
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 1 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2)
+    assert len(state["rng"][0]["python"][1]) == 625  # the Mersenne Twister state, as numbers
