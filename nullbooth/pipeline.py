@@ -1,0 +1,41 @@
+"""All three stages in one go: statistics -> projected LoRA training -> generation and report.
+
+Each stage reuses what a previous run completed: build-cov keeps a complete run made with the same config, Ray
+Train returns at once for a finished run name (or resumes an interrupted one from its last checkpoint), and the
+generation redraws the report, which is cheap.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nullbooth.cluster import connect
+from nullbooth.config import Config
+
+
+def run_pipeline(config: Config, force: bool = False) -> dict:
+    from nullbooth.generate import generate
+    from nullbooth.stats.build import build_covariance
+    from nullbooth.train.run import train
+
+    connect(config.ray)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    statistics = build_covariance(config, force=force)
+    timings["statistics_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    training = train(config)
+    timings["training_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    report = generate(config)
+    timings["generation_s"] = time.perf_counter() - started
+
+    print(f"\nNullBooth run finished in {sum(timings.values()):.0f} s "
+          f"(statistics {timings['statistics_s']:.0f} s, training {timings['training_s']:.0f} s, "
+          f"generation {timings['generation_s']:.0f} s)")
+    for label, key in (("grid", "grid"), ("report", "report_md"), ("report.json", "report_json")):
+        if report.get(key):
+            print(f"  {label:12s} {report[key]}")
+    return {"statistics": statistics, "training": training, "generation": report, "timings": timings}
