@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from lora_helpers import make_lora
+from run_fixtures import make_lora
 
 from nullbooth.backends import get_backend
 from nullbooth.config import load_config

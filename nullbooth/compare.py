@@ -1,0 +1,102 @@
+"""`nullbooth compare RUN_A RUN_B`: one table and one plot, e.g. a global run against a none run.
+
+Both runs must have a report (`nullbooth generate`). Drift is compared on the held-out preserved prompts the two
+reports share with the same seeds, so the numbers are computed on exactly the same (prompt, seed) pairs.
+Output (default RUN_A/report/compare/): compare.md, compare.csv, compare.png; the table is printed too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from nullbooth.plots import compare_plot
+from nullbooth.report import psnr_db, read_report
+from nullbooth.storage import RunDir
+
+COLUMNS = [("run", "run"), ("mode", "mode"), ("holdout_prompts", "held-out prompts"),
+           ("drift_latent_mse", "drift latent MSE"), ("drift_pixel_psnr_db", "drift pixel PSNR (dB)"),
+           ("preservation_overall", "preservation error (overall)"), ("null_text", "null dims text k/d"),
+           ("null_image", "null dims image Σk/Σd (global)")]
+
+
+def _key(prompt: dict) -> tuple:
+    return prompt["prompt"], tuple(prompt["seeds"])
+
+
+def _row(label: str, report: dict, common: list[tuple]) -> dict[str, Any]:
+    by_key = {_key(p): p for p in report["prompts"]}
+    held = [by_key[k] for k in common]
+    pixel = float(np.mean([p["pixel_mse"] for p in held])) if held else None
+    ns = report["null_space"]
+    text = image = None
+    if ns is not None:
+        if ns["text"] is not None:
+            text = f"{ns['text']['dim']}/{ns['text']['in_features']}"
+        if ns["layers"]:
+            image = (f"{sum(e['global'] for e in ns['layers'].values())}/"
+                     f"{sum(e['in_features'] for e in ns['layers'].values())}")
+    preservation = report["preservation"] or {}
+    return {"run": label, "run_dir": report["run_dir"], "mode": preservation.get("mode") or report["projection_mode"],
+            "holdout_prompts": len(held),
+            "drift_latent_mse": float(np.mean([p["latent_mse"] for p in held])) if held else None,
+            "drift_pixel_psnr_db": psnr_db(pixel) if pixel is not None else None,
+            "drift_identical": pixel == 0.0,
+            "preservation_overall": preservation.get("overall"), "null_text": text, "null_image": image}
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row[key]
+    if key == "drift_pixel_psnr_db" and value is None and row["drift_identical"]:
+        return "inf"
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict]) -> tuple[str, str]:
+    """(Markdown table, CSV text) of the comparison rows."""
+    md = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run_dir"] + [k for k, _ in COLUMNS])
+    for r in rows:
+        writer.writerow([r["run_dir"]] + ["" if r[k] is None else r[k] for k, _ in COLUMNS])
+    return "\n".join(md) + "\n", buffer.getvalue()
+
+
+def compare(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any]:
+    runs = [RunDir(run_a), RunDir(run_b)]
+    reports = [read_report(r) for r in runs]
+    names = [r.uri().rstrip("/").rsplit("/", 1)[-1] or r.uri() for r in runs]
+    labels = [f"A: {names[0]}", f"B: {names[1]}"] if names[0] != names[1] else ["A", "B"]
+    keys_b = {_key(p) for p in reports[1]["prompts"] if p["kind"] == "holdout"}
+    common = [_key(p) for p in reports[0]["prompts"] if p["kind"] == "holdout" and _key(p) in keys_b]
+    rows = [_row(label, report, common) for label, report in zip(labels, reports)]
+    markdown, csv_text = format_table(rows)
+
+    preservation = {f"{label} ({row['mode']})": {t: v for t, v in (rep["preservation"] or {}).get(
+        "per_timestep", {}).items() if v is not None} for label, row, rep in zip(labels, rows, reports)}
+    preservation = {k: v for k, v in preservation.items() if v}
+    drift = {}
+    for label, row, report in zip(labels, rows, reports):
+        by_key = {_key(p): p for p in report["prompts"]}
+        drift[f"{label} ({row['mode']})"] = [(k[0], "holdout", by_key[k]["latent_mse"]) for k in common]
+    plot = compare_plot(preservation, drift if common else {}, f"{labels[0]} vs {labels[1]}",
+                        "latent MSE (fine-tuned vs base, same seed)")
+
+    out = RunDir(out_dir) if out_dir else RunDir(runs[0].uri("report/compare"))
+    note = ("" if common else "\nThe runs share no held-out prompt with the same seeds: drift is not compared.\n")
+    page = (f"# Comparison\n\n- A: `{reports[0]['run_dir']}`\n- B: `{reports[1]['run_dir']}`\n\n"
+            f"Drift is measured on the {len(common)} held-out preserved prompts both runs sampled with the same "
+            f"seeds.{note}\n{markdown}\n![comparison](compare.png)\n")
+    out.write_bytes("compare.png", plot)
+    out.write_bytes("compare.csv", csv_text.encode())
+    out.write_bytes("compare.md", page.encode())
+    print(markdown + f"\ntable: {out.uri('compare.md')}\nplot:  {out.uri('compare.png')}")
+    return {"rows": rows, "markdown": out.uri("compare.md"), "csv": out.uri("compare.csv"),
+            "plot": out.uri("compare.png")}

@@ -1,0 +1,112 @@
+"""report.md: a short page over report.json, linking the grid, the plots and the samples (paths relative to it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nullbooth.plots import short_layer
+
+
+def _g(value: float | None, fmt: str = ".4g", none: str = "–") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def _psnr(value: float | None) -> str:
+    return "∞ (identical)" if value is None else f"{value:.2f}"
+
+
+def _rel(path: str) -> str:
+    """A run-relative path as seen from report/report.md."""
+    return path[len("report/"):] if path.startswith("report/") else f"../{path}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s, files = report["sampling"], report["files"]
+    lines = [f"# NullBooth report: `{report['run_dir']}`", "",
+             f"Model `{report['model']['path']}` ({report['model']['backend']}), sampler `{s['scheduler']}`, "
+             f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']:g}, {s['width']}×{s['height']} px; "
+             f"projection mode **{report['projection_mode']}**, LoRA scale {report['lora_scale']:g}; "
+             f"seeds: {s['seed_rule']}. Numbers: [report.json](report.json). Created {report['created']}.", "",
+             "## Samples", "",
+             "Rows are prompts (orange bar: instance-prompt variants, green: held-out preserved prompts), columns "
+             "the base model and the fine-tuned model with the same seed.", "",
+             f"![base vs fine-tuned]({_rel(files['grid'])})", ""]
+    lines += _drift(report)
+    lines += _preservation(report)
+    lines += _null_space(report)
+    lines += ["## Files", "",
+              f"- images: [`samples/base/`](../samples/base/), [`samples/finetuned/`](../samples/finetuned/)",
+              f"- final latents (before VAE decode): [`{files['latents']}`]({_rel(files['latents'])})",
+              *[f"- plot `{name}`: [{path}]({_rel(path)})" for name, path in files["plots"].items()], ""]
+    return "\n".join(lines)
+
+
+def _drift(report: dict[str, Any]) -> list[str]:
+    drift, files = report["drift"], report["files"]
+    lines = ["## Image-level drift", "", drift["definition"], "",
+             "| prompt | kind | latent MSE | pixel PSNR (dB) |", "|---|---|---:|---:|"]
+    for p in report["prompts"]:
+        lines.append(f"| {p['prompt']} | {p['kind']} | {p['latent_mse']:.4g} | {_psnr(p['pixel_psnr_db'])} |")
+    for kind in ("holdout", "instance"):
+        mean = drift[kind]
+        if mean is not None:
+            lines.append(f"| **mean over {mean['prompts']} {kind} prompts** | | **{mean['latent_mse']:.4g}** | "
+                         f"**{_psnr(mean['pixel_psnr_db'])}** |")
+    baseline = report["baseline"]
+    if baseline and baseline["drift_holdout"]:
+        b = baseline["drift_holdout"]
+        lines.append(f"| baseline `{baseline['run_dir']}` ({baseline['mode']}), held-out mean | | {b['latent_mse']:.4g} "
+                     f"| {_psnr(b['pixel_psnr_db'])} |")
+    lines += ["", "Held-out preserved prompts should barely move (small latent MSE, high PSNR); the instance prompts "
+              "should move (the subject appears).", ""]
+    if "drift" in files["plots"]:
+        lines += [f"![drift per prompt]({_rel(files['plots']['drift'])})", ""]
+    return lines
+
+
+def _preservation(report: dict[str, Any]) -> list[str]:
+    p, files = report["preservation"], report["files"]
+    lines = ["## Layer-level preservation error (training)", ""]
+    if p is None:
+        return lines + ["The run has no `lora/report.json` from training: no layer-level preservation errors.", ""]
+    lines += ["Per protected layer `sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ))` on the preserved keys (0: the layer's output "
+              "on preserved prompts does not move).", "",
+              f"- mode: {p['mode'] or 'not recorded'}; overall (RMS over layers): **{_g(p['overall'])}**; "
+              f"largest layer: {_g(p['max'])}",
+              f"- unprotected LoRA targets: {', '.join(p['unprotected']) or 'none'}"]
+    baseline = report["baseline"]
+    if baseline:
+        lines.append(f"- baseline `{baseline['run_dir']}` ({baseline['mode']}): overall "
+                     f"{_g(baseline['preservation_overall'])}")
+    worst = sorted(((v, k) for k, v in p["per_layer"].items() if v is not None), reverse=True)[:8]
+    if worst:
+        lines += ["", "| layer (largest errors) | error |", "|---|---:|"]
+        lines += [f"| `{short_layer(k)}` | {v:.4g} |" for v, k in worst]
+    lines.append("")
+    if "preservation" in files["plots"]:
+        lines += [f"![preservation error per timestep]({_rel(files['plots']['preservation'])})", ""]
+    return lines
+
+
+def _null_space(report: dict[str, Any]) -> list[str]:
+    ns, files = report["null_space"], report["files"]
+    lines = ["## Null space", ""]
+    if ns is None:
+        return lines + ["The run has no statistics (`covariance/manifest.json`): no null-space dimensions.", ""]
+    lines += [f"Threshold {ns['threshold']['kind']} = {ns['threshold']['value']:g}; timesteps {ns['timesteps']}. "
+              "k = null-space dimension (directions the LoRA may use), d = layer input width.", "",
+              "| layer | d | k (global) | k per timestep (min..max) | τ (global) |", "|---|---:|---:|---:|---:|"]
+    if ns["text"] is not None:
+        t = ns["text"]
+        lines.append(f"| text keys ({len(t['layers'])} layers: to_k, to_v) | {t['in_features']} | {t['dim']} | "
+                     f"{t['dim']} (timestep-independent) | {_g(t['tau'])} |")
+    for name, e in ns["layers"].items():
+        per_t = list(e["per_timestep"].values())
+        span = f"{min(per_t)}..{max(per_t)}" if per_t else "–"
+        lines.append(f"| `{short_layer(name)}` | {e['in_features']} | {e['global']} | {span} | {_g(e['tau'])} |")
+    lines.append("")
+    for name, caption in (("spectrum", "eigenvalue spectra with τ"), ("null_dims", "null-space dimension per layer "
+                                                                                    "and timestep")):
+        if name in files["plots"]:
+            lines += [f"![{caption}]({_rel(files['plots'][name])})", ""]
+    return lines

@@ -1,0 +1,104 @@
+"""Test helpers that build parts of a run_dir the way the other stages would.
+
+- `make_lora`: a diffusers-format LoRA for the tiny UNet, made with PEFT as a user's training would. `b_std=0` gives
+  a zeroed LoRA (lora_B = 0), which must leave every output bit-identical; `b_std>0` a random nonzero one.
+- `write_fake_statistics`: a manifest + projection files in the statistics stage's layout (validated by
+  nullbooth.stats.store), from synthetic covariances whose null spaces are computed with nullbooth.nullspace.
+- `write_train_report`: lora/report.json in the training stage's layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from nullbooth.backends import resolve_model_location
+from nullbooth.config import DEFAULT_PROTECTED_LAYERS
+from nullbooth.layers import find_protected_layers, layer_table
+from nullbooth.nullspace import null_space
+from nullbooth.stats.store import FORMAT_VERSION, MANIFEST, projection_file, validate_manifest
+from nullbooth.storage import RunDir
+
+TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+def _unet(model_path: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(resolve_model_location(model_path), subfolder="unet")
+
+
+def make_lora(model_path: str, out_dir: str | Path, b_std: float, rank: int = 4, seed: int = 0) -> Path:
+    """Save a LoRA on the cross-attention linears of `model_path`'s UNet into `out_dir`; returns `out_dir`."""
+    unet = _unet(model_path)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * b_std)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers)
+    return Path(out_dir)
+
+
+def _covariance(d: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(4 * d, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, d, generator=gen,
+                                                                                   dtype=torch.float64)
+    return x.T @ x / x.shape[0] + 1e-9 * torch.eye(d, dtype=torch.float64)
+
+
+def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: list[int] = (801, 401, 1),
+                          model_path: str = "tiny", kind: str = "relative", value: float = 1e-3) -> dict:
+    """A valid manifest and projection files for the tiny UNet from random low-rank covariances; returns the
+    manifest. Eigenvalues and null-space dimensions are consistent (computed by nullbooth.nullspace.null_space)."""
+    run = RunDir(str(run_dir))
+    table = layer_table(find_protected_layers(_unet(model_path), DEFAULT_PROTECTED_LAYERS))
+    image_layers = [n for n, e in table.items() if e["side"] == "image"]
+    d_text = next(e["in_features"] for e in table.values() if e["side"] == "text")
+    gen = torch.Generator().manual_seed(7)
+    basis, eig, tau = null_space(_covariance(d_text, d_text // 2, gen), kind, value)
+    run.write_tensors(projection_file("text"), {"basis": basis, "eigenvalues": eig})
+    null_dims = {"text": basis.shape[1], "global": {}, "timesteps": {}}
+    spectra = {"text": {"tau": tau, "eig_min": float(eig.min()), "eig_max": float(eig.max())}, "global": {}}
+    for which in [*timesteps, "global"]:
+        tensors, dims = {}, {}
+        for i, name in enumerate(image_layers):
+            d = table[name]["in_features"]
+            rank = max(1, d - (i % 5) * d // 8 - (0 if which == "global" else int(which) % 3))
+            basis, eig, tau = null_space(_covariance(d, rank, gen), kind, value)
+            tensors[f"{name}.basis"], tensors[f"{name}.eigenvalues"] = basis, eig
+            dims[name] = basis.shape[1]
+            if which == "global":
+                spectra["global"][name] = {"tau": tau, "eig_min": float(eig.min()), "eig_max": float(eig.max())}
+        run.write_tensors(projection_file(which), tensors)
+        if which == "global":
+            null_dims["global"] = dims
+        else:
+            null_dims["timesteps"][str(which)] = dims
+    manifest = validate_manifest({
+        "format_version": FORMAT_VERSION, "backend": "sd",
+        "model": {"path": model_path, "revision": None, "dtype": "float32", "fingerprint": "fake"},
+        "scheduler": {"name": "ddim", "class": "DDIMScheduler", "config": {}}, "timesteps": list(timesteps),
+        "guidance_scale": 7.5, "uses_guidance": True, "prompts": ["a measured prompt"], "holdout_prompts": holdout,
+        "text_rows": 64, "image_rows": {str(t): {n: 256 for n in image_layers} for t in timesteps},
+        "layers": table, "dtype": "float32", "threshold": {"kind": kind, "value": value}, "null_dims": null_dims,
+        "spectra": spectra, "config": {}})
+    run.write_json(MANIFEST, manifest)
+    return manifest
+
+
+def write_train_report(run_dir: str | Path, mode: str, scale: float, timesteps: list[int] = (801, 401, 1),
+                       model_path: str = "tiny") -> dict:
+    """lora/report.json as the training stage writes it (per_timestep entries as objects); returns it."""
+    layers = list(find_protected_layers(_unet(model_path), DEFAULT_PROTECTED_LAYERS))
+    per_layer = {n: scale * (1 + i % 4) / 4 for i, n in enumerate(layers)}
+    report = {"mode": mode, "overall": scale * 0.7, "max": scale, "per_layer": per_layer,
+              "per_timestep": {str(t): {"overall": scale * (0.5 + i / 4), "max": scale, "per_layer": per_layer}
+                               for i, t in enumerate(timesteps)},
+              "unprotected": [], "overall_definition": "rms"}
+    RunDir(str(run_dir)).write_json("lora/report.json", report)
+    return report

@@ -1,0 +1,211 @@
+"""The report: report.json follows its schema and carries exactly the numbers of its sources, the plots are PNGs,
+report.md links resolve, and `compare_runs` tabulates two runs. Samples are drawn in-process (no Ray needed)."""
+
+import copy
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from run_fixtures import make_lora, write_fake_statistics, write_train_report
+from safetensors.torch import load_file
+
+from nullbooth.config import load_config
+from nullbooth.errors import NullBoothError
+from nullbooth.generate import instance_variants, seeds_for, write_samples
+from nullbooth.report import check_report, compare_runs, write_report
+from nullbooth.sampler import apply_lora, load_sampling_pipeline, sample_batch
+from nullbooth.storage import RunDir
+
+HOLDOUT = ["a wooden chair by a window", "a bowl of ramen on a table"]
+
+
+def make_run(root: Path, name: str, b_std: float, mode: str, train_scale: float | None, stats: bool = True,
+             baseline: str | None = None) -> tuple:
+    """A run_dir with a LoRA, optional statistics and training report, its samples and its report."""
+    run_dir = root / name
+    overrides = [f"run_dir={run_dir}", "sampling.num_inference_steps=2", f"projection.mode={mode}"]
+    if baseline:
+        overrides.append(f"generate.baseline_run={baseline}")
+    config = load_config(None, overrides)
+    make_lora(config.model.path, run_dir / "lora", b_std=b_std, seed=1)
+    manifest = write_fake_statistics(run_dir, HOLDOUT) if stats else None
+    train = write_train_report(run_dir, mode, train_scale) if train_scale is not None else None
+    plan = [(p, "instance") for p in instance_variants(config.train.instance_prompt)[:2]]
+    plan += [(p, "holdout") for p in HOLDOUT] + [("a custom prompt", "custom")]
+    rows = [(j, p, s) for j, (p, _) in enumerate(plan) for s in seeds_for(config, j)]
+    pipe = load_sampling_pipeline(config)
+    base = sample_batch(config, pipe, [p for _, p, _ in rows], [s for _, _, s in rows])
+    apply_lora(pipe, str(run_dir / "lora"))
+    tuned = sample_batch(config, pipe, [p for _, p, _ in rows], [s for _, _, s in rows])
+    samples = [{"prompt": p, "kind": k, "seeds": [], "base": [], "finetuned": [], "base_latent": [],
+                "finetuned_latent": []} for p, k in plan]
+    for r, (j, _, seed) in enumerate(rows):
+        samples[j]["seeds"].append(seed)
+        for which, (images, latents) in (("base", base), ("finetuned", tuned)):
+            samples[j][which].append(images[r])
+            samples[j][f"{which}_latent"].append(latents[r])
+    run = RunDir(str(run_dir))
+    write_samples(run, samples)
+    summary = write_report(config, run, samples)
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    return run_dir, report, summary, manifest, train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    none = make_run(root, "none", b_std=0.4, mode="none", train_scale=0.3)
+    glob = make_run(root, "global", b_std=0.1, mode="global", train_scale=0.01, baseline=str(none[0]))
+    bare = make_run(root, "bare", b_std=0.1, mode="global", train_scale=None, stats=False)
+    return {"none": none, "global": glob, "bare": bare}
+
+
+def test_report_json_follows_schema_and_carries_its_sources(runs):
+    run_dir, report, summary, manifest, train = runs["global"]
+    check_report(report)
+    # Null-space dimensions are the manifest's.
+    ns = report["null_space"]
+    assert ns["text"]["dim"] == manifest["null_dims"]["text"] and ns["timesteps"] == manifest["timesteps"]
+    for name, entry in ns["layers"].items():
+        assert entry["global"] == manifest["null_dims"]["global"][name]
+        assert entry["per_timestep"] == {str(t): manifest["null_dims"]["timesteps"][str(t)][name]
+                                         for t in manifest["timesteps"]}
+    assert sorted(ns["layers"]) + sorted(ns["text"]["layers"]) == sorted(
+        [n for n, e in manifest["layers"].items() if e["side"] == "image"]) + sorted(
+        [n for n, e in manifest["layers"].items() if e["side"] == "text"])
+    # Preservation errors are training's; the baseline's come from the baseline run.
+    p = report["preservation"]
+    assert (p["mode"], p["overall"], p["max"], p["per_layer"]) == ("global", train["overall"], train["max"],
+                                                                  train["per_layer"])
+    assert p["per_timestep"] == {t: v["overall"] for t, v in train["per_timestep"].items()}
+    base_train = runs["none"][4]
+    assert report["baseline"]["mode"] == "none"
+    assert report["baseline"]["preservation_overall"] == base_train["overall"]
+    assert report["baseline"]["drift_holdout"] == runs["none"][1]["drift"]["holdout"]
+    assert summary["drift"] == report["drift"]["holdout"]
+
+
+def test_drift_numbers_recomputed_from_the_written_files(runs):
+    run_dir, report, *_ = runs["global"]
+    latents = load_file(str(run_dir / "samples" / "latents.safetensors"))
+    row = 0
+    for entry in report["prompts"]:
+        latent, pixel = [], []
+        for b_file, t_file in zip(entry["base"], entry["finetuned"]):
+            b = np.asarray(Image.open(run_dir / b_file), dtype=np.float64)
+            t = np.asarray(Image.open(run_dir / t_file), dtype=np.float64)
+            pixel.append(((t - b) ** 2).mean())
+            latent.append(((latents["finetuned"][row].double() - latents["base"][row].double()) ** 2).mean().item())
+            row += 1
+        assert entry["latent_mse"] == pytest.approx(np.mean(latent), rel=1e-9)
+        assert entry["pixel_mse"] == pytest.approx(np.mean(pixel), rel=1e-9)
+        assert entry["pixel_psnr_db"] == pytest.approx(10 * np.log10(255 ** 2 / np.mean(pixel)), rel=1e-9)
+        assert entry["latent_mse"] > 0
+    held = [e for e in report["prompts"] if e["kind"] == "holdout"]
+    assert [e["prompt"] for e in held] == HOLDOUT
+    mean = report["drift"]["holdout"]
+    assert mean["prompts"] == 2 and mean["latent_mse"] == pytest.approx(np.mean([e["latent_mse"] for e in held]))
+    pixel = np.mean([e["pixel_mse"] for e in held])
+    assert mean["pixel_psnr_db"] == pytest.approx(10 * np.log10(255 ** 2 / pixel))
+    assert [e["kind"] for e in report["prompts"]] == ["instance", "instance", "holdout", "holdout", "custom"]
+    assert row == latents["base"].shape[0]
+
+
+def _valid_png(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        image.load()
+        assert image.width > 0 and image.height > 0
+        return image.size
+
+
+def test_plots_and_grid_are_valid_pngs(runs):
+    run_dir, report, summary, *_ = runs["global"]
+    assert sorted(report["files"]["plots"]) == ["drift", "null_dims", "preservation", "spectrum"]
+    for rel in report["files"]["plots"].values():
+        width, height = _valid_png(run_dir / rel)
+        assert width > 300 and height > 200
+    width, height = _valid_png(run_dir / report["files"]["grid"])
+    rows = len(report["prompts"])
+    # Labelled rows of 32 px samples upscaled to 128 px: one row per prompt, base and fine-tuned columns.
+    assert height >= rows * 128 and width >= 2 * 128
+    grid = np.asarray(Image.open(run_dir / report["files"]["grid"]).convert("RGB"))
+    first = np.asarray(Image.open(run_dir / report["prompts"][0]["base"][0]).convert("RGB"))
+    upscaled = first.repeat(4, axis=0).repeat(4, axis=1)
+    found = any((grid[y:y + 128, x:x + 128] == upscaled).all() for y in range(30, 60) for x in range(240, 280))
+    assert found, "the first base sample, upscaled 4x with NEAREST, is in the grid's first row"
+
+
+def test_report_md_links_resolve(runs):
+    for name in ("global", "bare"):
+        run_dir, report, summary, *_ = runs[name]
+        page = (run_dir / "report" / "report.md").read_text()
+        links = re.findall(r"\]\(([^)]+)\)", page)
+        assert "grid.png" in links and "report.json" in links
+        assert set(report["files"]["plots"].values()) <= {f"report/{link}" for link in links}
+        for link in links:
+            assert (run_dir / "report" / link).exists(), link
+
+
+def test_run_without_training_report_or_statistics(runs):
+    run_dir, report, *_ = runs["bare"]
+    check_report(report)
+    assert report["preservation"] is None and report["null_space"] is None and report["baseline"] is None
+    assert sorted(report["files"]["plots"]) == ["drift"]
+
+
+def test_check_report_names_the_first_bad_field(runs):
+    report = runs["global"][1]
+    cases = [
+        (lambda r: r.pop("drift"), "report: missing key(s) drift"),
+        (lambda r: r["prompts"][1].update(latent_mse=-1.0),
+         "report.prompts[1].latent_mse: expected a finite number ≥ 0, got float -1.0"),
+        (lambda r: r["prompts"][0].update(kind="other"),
+         "report.prompts[0].kind: expected one of 'instance', 'holdout', 'custom', got str 'other'"),
+        (lambda r: r["null_space"]["layers"].update(x={"in_features": 4, "global": "2", "per_timestep": {},
+                                                       "tau": None}),
+         "report.null_space.layers.x.global: expected an integer, got str '2'"),
+        (lambda r: r["files"].update(extra="x"), "report.files: unknown key(s) extra"),
+    ]
+    for mutate, message in cases:
+        broken = copy.deepcopy(report)
+        mutate(broken)
+        with pytest.raises(NullBoothError) as err:
+            check_report(broken)
+        assert str(err.value) == message
+
+
+def test_compare_runs_table_and_plot(runs, tmp_path, capsys):
+    glob, none = runs["global"], runs["none"]
+    out = compare_runs(str(glob[0]), str(none[0]), out_dir=str(tmp_path / "cmp"))
+    rows = out["rows"]
+    assert [r["mode"] for r in rows] == ["global", "none"]
+    for row, (_, report, *_rest) in zip(rows, (glob, none)):
+        held = [p for p in report["prompts"] if p["kind"] == "holdout"]
+        assert row["holdout_prompts"] == 2
+        assert row["drift_latent_mse"] == pytest.approx(np.mean([p["latent_mse"] for p in held]))
+        assert row["preservation_overall"] == report["preservation"]["overall"]
+        ns = report["null_space"]
+        assert row["null_text"] == f"{ns['text']['dim']}/{ns['text']['in_features']}"
+    table = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "compare.csv").read_text())))
+    assert [float(r["drift_latent_mse"]) for r in table] == pytest.approx([r["drift_latent_mse"] for r in rows])
+    assert [r["mode"] for r in table] == ["global", "none"]
+    _valid_png(tmp_path / "cmp" / "compare.png")
+    printed = capsys.readouterr().out
+    assert "| A: global | global | 2 |" in printed and "| B: none | none | 2 |" in printed
+    assert "compare.png" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_needs_reports(runs, tmp_path):
+    with pytest.raises(NullBoothError) as err:
+        compare_runs(str(runs["global"][0]), str(tmp_path / "nothing"))
+    assert str(err.value) == (f"{tmp_path / 'nothing'}/report/report.json does not exist: run `nullbooth generate` "
+                              "on that run first")
