@@ -60,7 +60,7 @@ def run_isolated(name: str, device: str, quick: bool, timeout: float) -> tuple[l
         if quick:
             cmd.append("--quick")
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
                 return json.loads(Path(out.name).read_text()), time.time() - start
             reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]

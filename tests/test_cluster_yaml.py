@@ -198,8 +198,8 @@ def test_ray_misses_min_above_max_and_a_missing_region_but_we_catch_them():
      "worker_start_ray_commands: every `ray start` needs RAY_AUTH_MODE=token in its environment"),
     (lambda c: c["provider"]["security_group"]["IpPermissions"].append(
         {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}),
-     "provider.security_group.IpPermissions: opens {'FromPort': 8265, 'ToPort': 8265, 'IpProtocol': 'tcp', "
-     "'IpRanges': [{'CidrIp': '0.0.0.0/0'}]} beyond SSH and intra-cluster traffic"),
+     ("provider.security_group.IpPermissions: opens {'FromPort': 8265, 'ToPort': 8265, 'IpProtocol': 'tcp', "
+      "'IpRanges': [{'CidrIp': '0.0.0.0/0'}]} beyond SSH and intra-cluster traffic")),
     (lambda c: c.update(setup_commands=[s.replace("cd ~/nullbooth && ", "") for s in c["setup_commands"]]),
      "setup_commands: 'pip install -e .' must run in the synced working tree ['/home/ubuntu/nullbooth']"),
     (lambda c: c.update(setup_commands=[s.replace("torch==2.13.0", "torch") for s in c["setup_commands"]]),

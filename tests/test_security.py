@@ -100,8 +100,8 @@ def test_the_untampered_run_reads_back(run):
      "field 'layers' must be a non-empty object layer -> {in_features: d, side: text|image}"),
     (lambda m: m["layers"].update({"__import__('os').system('x')": {"in_features": 8, "side": "image"}}),
      "field 'layers' must be a non-empty object layer -> {in_features: d, side: text|image}"),
-    (lambda m: m.update(format_version=99), "format_version is 99, this NullBooth reads 1; rebuild the statistics "
-                                            "(nullbooth build-cov --force)"),
+    (lambda m: m.update(format_version=99),
+     "format_version is 99, this NullBooth reads 1; rebuild the statistics (nullbooth build-cov --force)"),
     (lambda m: m["image_rows"].pop(next(iter(m["image_rows"]))),
      "field 'image_rows' must count every image-side layer at every timestep"),
 ])
