@@ -4,7 +4,8 @@
               the held-out preserved prompts (the statistics never saw them: does the rest of the model stay put?)
     seeds     image i of prompt j uses generate.seed + 1000·j + i, for the base and the fine-tuned model alike
     sampling  one Ray Data actor pool (nullbooth.sampler), each actor holding one pipeline with the run's LoRA
-              loaded by stock diffusers `load_lora_weights` and switched on or off per row
+              loaded by stock diffusers `load_lora_weights`; every batch is sampled with the LoRA switched off
+              (base) and on (fine-tuned), so both see identical batches
     output    run_dir/samples/{base,finetuned}/NN-<prompt>-I.png, run_dir/samples/latents.safetensors,
               then the report (nullbooth.report.write_report) under run_dir/report/
 
@@ -123,19 +124,17 @@ def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]]) -> 
     prompts = [p for _, p, _ in rows]
     seeds = [s for _, _, s in rows]
     g = config.generate
-    results = sample_images(config, prompts * 2, seeds * 2, lora_dir=lora_dir, lora_scale=g.lora_scale,
-                            num_workers=g.num_workers, batch_size=g.batch_size,
-                            use_lora=[False] * len(rows) + [True] * len(rows))
-    base, tuned = results[:len(rows)], results[len(rows):]
+    results = sample_images(config, prompts, seeds, lora_dir=lora_dir, lora_scale=g.lora_scale,
+                            num_workers=g.num_workers, batch_size=g.batch_size, with_base=True)
     samples = [{"prompt": prompt, "kind": kind, "seeds": [], "base": [], "finetuned": [], "base_latent": [],
                 "finetuned_latent": []} for prompt, kind in plan]
-    for (j, _, seed), b, t in zip(rows, base, tuned):
+    for (j, _, seed), result in zip(rows, results):
         entry = samples[j]
         entry["seeds"].append(seed)
-        entry["base"].append(b["image"])
-        entry["finetuned"].append(t["image"])
-        entry["base_latent"].append(b["latent"])
-        entry["finetuned_latent"].append(t["latent"])
+        entry["base"].append(result["base_image"])
+        entry["finetuned"].append(result["image"])
+        entry["base_latent"].append(result["base_latent"])
+        entry["finetuned_latent"].append(result["latent"])
     return samples
 
 

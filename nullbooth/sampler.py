@@ -97,44 +97,37 @@ def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
 
 
 class _SamplerActor:
-    """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed, lora) rows."""
+    """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed) rows."""
 
-    def __init__(self, config: Config, lora_dir: str | None, lora_scale: float, num_cpus: float, has_gpu: bool):
+    def __init__(self, config: Config, lora_dir: str | None, lora_scale: float, num_cpus: float, has_gpu: bool,
+                 with_base: bool):
         torch_threads_for(num_cpus)
         self.config = config
-        self.has_lora = lora_dir is not None
+        self.with_base = with_base
         device = get_backend(config).device(has_gpu=has_gpu)
         self.pipe = load_sampling_pipeline(config, device, lora_dir, lora_scale)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
-        use_lora = [bool(f) for f in batch["lora"]]
-        images: list[np.ndarray | None] = [None] * len(prompts)
-        latents: list[np.ndarray | None] = [None] * len(prompts)
-        # Rows with and without the LoRA share this actor's one pipeline: the adapter is switched off, not unloaded,
-        # so the base rows run the unmodified linears (bit-identical to a pipeline that never loaded a LoRA).
-        for flag in sorted(set(use_lora)):
-            rows = [i for i, f in enumerate(use_lora) if f == flag]
-            if self.has_lora and flag:
-                self.pipe.enable_lora()
-            elif self.has_lora:
-                self.pipe.disable_lora()
-            group_images, group_latents = sample_batch(self.config, self.pipe, [prompts[i] for i in rows],
-                                                       [seeds[i] for i in rows])
-            for k, i in enumerate(rows):
-                images[i], latents[i] = group_images[k], group_latents[k]
-        return {"index": batch["index"], "image": np.stack(images), "latent": np.stack(latents)}
+        out = {"index": batch["index"]}
+        if self.with_base:
+            # The same prompts in the same batch with the adapter switched off (not unloaded): the base model runs
+            # the unmodified linears on an identical batch, so a zero LoRA gives bit-identical samples.
+            self.pipe.disable_lora()
+            out["base_image"], out["base_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
+            self.pipe.enable_lora()
+        out["image"], out["latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
+        return out
 
 
 def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir: str | None = None,
                   lora_scale: float = 1.0, num_workers: int = 1, batch_size: int = 4,
-                  num_cpus: float = 1.0, num_gpus: float | None = None,
-                  use_lora: list[bool] | None = None) -> list[dict]:
+                  num_cpus: float = 1.0, num_gpus: float | None = None, with_base: bool = False) -> list[dict]:
     """Sample `prompts` (prompt i with `seeds[i]`) on a Ray Data actor pool of `num_workers` pipelines.
 
-    With `lora_dir`, `use_lora[i]` says whether prompt i is sampled with the LoRA (default: all are), so base and
-    fine-tuned samples come from one actor pool without loading the model twice.
+    `with_base` (needs `lora_dir`) adds "base_image" and "base_latent": the same batch sampled by the same actor
+    with the LoRA switched off, so base and fine-tuned samples come from one pipeline per actor.
 
     Returns, in input order, {"prompt", "seed", "image": uint8 (H, W, 3), "latent": float32 (C, h, w), the final
     latents before the VAE decode}. `num_gpus` per actor defaults to 1 when the cluster has GPUs and
@@ -151,23 +144,22 @@ def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir
         return []
     if not ray.is_initialized():
         raise RuntimeError("sample_images needs a connected Ray (nullbooth.cluster.connect)")
-    if use_lora is None:
-        use_lora = [lora_dir is not None] * len(prompts)
-    if len(use_lora) != len(prompts) or (any(use_lora) and lora_dir is None):
-        raise ValueError("sample_images: use_lora needs one flag per prompt, and lora_dir when any is true")
+    if with_base and lora_dir is None:
+        raise ValueError("sample_images: with_base needs lora_dir")
     if num_gpus is None:
         num_gpus = 1.0 if config.model.device != "cpu" and cluster_has_gpu() else 0.0
-    rows = [{"index": i, "prompt": p, "seed": int(s), "lora": bool(f)}
-            for i, (p, s, f) in enumerate(zip(prompts, seeds, use_lora))]
+    rows = [{"index": i, "prompt": p, "seed": int(s)} for i, (p, s) in enumerate(zip(prompts, seeds))]
     dataset = ray.data.from_items(rows).map_batches(
         _SamplerActor,
         fn_constructor_kwargs={"config": config, "lora_dir": lora_dir, "lora_scale": lora_scale,
-                               "num_cpus": num_cpus, "has_gpu": num_gpus > 0},
+                               "num_cpus": num_cpus, "has_gpu": num_gpus > 0, "with_base": with_base},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(rows))),
         num_cpus=num_cpus, num_gpus=num_gpus)
     results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
     if [int(r["index"]) for r in results] != list(range(len(rows))):
         raise RuntimeError("sample_images: Ray Data returned an incomplete result")  # an invariant, not a user error
-    return [{"prompt": prompts[i], "seed": int(seeds[i]), "image": np.asarray(r["image"], dtype=np.uint8),
-             "latent": np.asarray(r["latent"], dtype=np.float32)} for i, r in enumerate(results)]
+    keys = ("image", "latent", "base_image", "base_latent") if with_base else ("image", "latent")
+    return [{"prompt": prompts[i], "seed": int(seeds[i]),
+             **{k: np.asarray(r[k], dtype=np.uint8 if k.endswith("image") else np.float32) for k in keys}}
+            for i, r in enumerate(results)]

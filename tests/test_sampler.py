@@ -49,16 +49,16 @@ def test_two_actors_match_stock_pipeline_in_input_order(ray_local, config):
     assert len({r["image"].tobytes() for r in results}) == len(PROMPTS)
 
 
-def test_lora_scale_and_per_row_switch_match_stock_lora_loading(ray_local, config, tmp_path):
+def test_lora_scale_and_base_rows_match_stock_pipelines(ray_local, config, tmp_path):
     lora_dir = make_lora(config.model.path, tmp_path / "lora", b_std=0.3)
-    prompts, seeds, flags = PROMPTS[:2] + PROMPTS[:1], SEEDS[:2] + SEEDS[:1], [True, True, False]
-    results = sample_images(config, prompts, seeds, lora_dir=str(lora_dir), lora_scale=0.5, batch_size=4,
-                            use_lora=flags)
-    for prompt, seed, flag, result in zip(prompts, seeds, flags, results):
-        _, plain = stock(config, prompt, seed)
-        if flag:
-            _, latent = stock(config, prompt, seed, lora_dir=lora_dir, scale=0.5)
-            np.testing.assert_allclose(result["latent"], latent, rtol=0, atol=1e-4)
-            assert np.abs(result["latent"] - plain).max() > 1e-2  # the LoRA does move the samples
-        else:  # the same actor, its adapter switched off: the base model
-            np.testing.assert_allclose(result["latent"], plain, rtol=0, atol=1e-4)
+    prompts, seeds = PROMPTS[:3], SEEDS[:3]
+    results = sample_images(config, prompts, seeds, lora_dir=str(lora_dir), lora_scale=0.5, batch_size=2,
+                            with_base=True)
+    for prompt, seed, result in zip(prompts, seeds, results):
+        _, latent = stock(config, prompt, seed, lora_dir=lora_dir, scale=0.5)
+        np.testing.assert_allclose(result["latent"], latent, rtol=0, atol=1e-4)
+        # The same actor with its adapter switched off is the base model.
+        plain_image, plain = stock(config, prompt, seed)
+        np.testing.assert_allclose(result["base_latent"], plain, rtol=0, atol=1e-4)
+        assert np.abs(result["base_image"].astype(int) - plain_image.astype(int)).max() <= 1
+        assert np.abs(result["latent"] - plain).max() > 1e-2  # the LoRA does move the samples
