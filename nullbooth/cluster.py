@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 
 import ray
 
@@ -21,6 +23,7 @@ def connect(ray_config: RayConfig) -> None:
         return
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _probe(address, "ray.address" if ray_config.address else "RAY_ADDRESS")
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
@@ -32,3 +35,16 @@ def connect(ray_config: RayConfig) -> None:
 
 def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _probe(address: str, key: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a `host:port` / `ray://host:port` nobody listens on: ray.init would retry for many minutes."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address.strip())
+    if match is None:
+        return  # "auto", "local" and other forms are Ray's to resolve
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise NullBoothError(f"{key}: cannot reach the Ray cluster at {address!r} ({err}); start it with "
+                             "`ray start --head` or correct the address") from None
