@@ -47,7 +47,8 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
     connect(config.ray)
     dealer = Dealer(config, make_batches(prompts, config.covariance.batch_size))
     try:
-        info = dealer.describe()
+        # A run that may be reused needs only one replica, to fingerprint the model; otherwise start them all.
+        info = dealer.start(1 if candidate is not None else None)
         if candidate is not None:
             diffs = manifest_mismatches(candidate, config, info["fingerprint"], timesteps=info["timesteps"],
                                         prompts=(prompts, holdout))
@@ -57,6 +58,7 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
                 return summary
             if not force:
                 raise NullBoothError(_refusal(run, diffs))
+        info = dealer.start()
         _clear(run)
         writer = Writer(run)
         try:

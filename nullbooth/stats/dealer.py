@@ -50,8 +50,14 @@ class Dealer:
         self.done: set[int] = set()
         self.pending: deque[int] = deque(range(len(batches)))
         self._remote = ray.remote(Collector)
-        self.slots = [self._start(i, 0) for i in range(config.covariance.num_workers)]
+        self.slots: list[Slot] = []
         self._failure_counter = telemetry.counter("stats_actor_failures", "collector actors lost and replaced")
+
+    def start(self, count: int | None = None) -> dict[str, Any]:
+        """Start actors up to `count` (default: covariance.num_workers) and return their common description."""
+        count = self.config.covariance.num_workers if count is None else count
+        self.slots += [self._start(i, 0) for i in range(len(self.slots), count)]
+        return self.describe()
 
     def _start(self, index: int, incarnation: int) -> Slot:
         cov = self.config.covariance
