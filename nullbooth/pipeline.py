@@ -35,7 +35,7 @@ def run_pipeline(config: Config, force: bool = False) -> dict:
     print(f"\nNullBooth run finished in {sum(timings.values()):.0f} s "
           f"(statistics {timings['statistics_s']:.0f} s, training {timings['training_s']:.0f} s, "
           f"generation {timings['generation_s']:.0f} s)")
-    for label, key in (("grid", "grid"), ("report", "report_md"), ("report.json", "report_json")):
+    for label, key in (("grid", "grid"), ("report", "report_md"), ("report.json", "report")):
         if report.get(key):
             print(f"  {label:12s} {report[key]}")
     return {"statistics": statistics, "training": training, "generation": report, "timings": timings}
