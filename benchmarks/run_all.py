@@ -137,6 +137,11 @@ def main() -> int:
     sys.path[:0] = [str(ROOT)]
     from benchmarks.common import machine
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: this machine has no visible GPU")
     names = args.only or discover()
     unknown = sorted(set(names) - set(discover()))
     if unknown:
