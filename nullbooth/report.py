@@ -171,18 +171,23 @@ def _finite(value: Any) -> float | None:
 
 
 def read_preservation(run: RunDir) -> dict | None:
-    """The training stage's preservation errors (lora/report.json), normalised; None when training left none."""
+    """The training stage's preservation errors (lora/report.json), normalised; None when training left none.
+
+    The errors sit under "preservation" (as the training stage writes them) or at the top level; per_timestep
+    entries are either a number or {"overall": ..., "per_layer": ...}.
+    """
     if not run.exists(TRAIN_REPORT):
         return None
     raw = run.read_json(TRAIN_REPORT)
     if not isinstance(raw, dict):
         raise NullBoothError(f"{run.uri(TRAIN_REPORT)}: expected a JSON object")
-    # per_timestep entries are either a number or {"overall": ..., "per_layer": ...}.
+    errors = raw["preservation"] if isinstance(raw.get("preservation"), dict) else (
+        {} if "preservation" in raw else raw)  # "preservation": null: trained without statistics (mode none)
     per_t = {str(t): _finite(v.get("overall") if isinstance(v, dict) else v)
-             for t, v in (raw.get("per_timestep") or {}).items()}
+             for t, v in (errors.get("per_timestep") or {}).items()}
     return {"source": TRAIN_REPORT, "mode": raw.get("mode") if isinstance(raw.get("mode"), str) else None,
-            "overall": _finite(raw.get("overall")), "max": _finite(raw.get("max")),
-            "per_layer": {str(k): _finite(v) for k, v in (raw.get("per_layer") or {}).items()},
+            "overall": _finite(errors.get("overall")), "max": _finite(errors.get("max")),
+            "per_layer": {str(k): _finite(v) for k, v in (errors.get("per_layer") or {}).items()},
             "per_timestep": per_t, "unprotected": [str(n) for n in raw.get("unprotected") or []]}
 
 
@@ -271,7 +276,8 @@ def write_report(config: Config, run: RunDir, samples: list[dict], baseline: dic
 
     run.write_bytes(REPORT_MD, render_markdown(report).encode())
     run.write_json(REPORT_JSON, report)  # last: its presence means the report is complete
-    return {"grid": run.uri(files["grid"]), "report": run.uri(REPORT_JSON), "report_md": run.uri(REPORT_MD),
+    return {"grid": run.uri(files["grid"]), "report": run.uri(REPORT_JSON), "report_json": run.uri(REPORT_JSON),
+            "report_md": run.uri(REPORT_MD),
             "plots": {k: run.uri(v) for k, v in files["plots"].items()}, "drift": report["drift"]["holdout"],
             "drift_instance": report["drift"]["instance"]}
 

@@ -93,12 +93,13 @@ def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: li
 
 def write_train_report(run_dir: str | Path, mode: str, scale: float, timesteps: list[int] = (801, 401, 1),
                        model_path: str = "tiny") -> dict:
-    """lora/report.json as the training stage writes it (per_timestep entries as objects); returns it."""
+    """lora/report.json in the training stage's layout (errors under "preservation", per_timestep entries as
+    objects); returns it."""
     layers = list(find_protected_layers(_unet(model_path), DEFAULT_PROTECTED_LAYERS))
     per_layer = {n: scale * (1 + i % 4) / 4 for i, n in enumerate(layers)}
-    report = {"mode": mode, "overall": scale * 0.7, "max": scale, "per_layer": per_layer,
+    errors = {"overall": scale * 0.7, "max": scale, "per_layer": per_layer,
               "per_timestep": {str(t): {"overall": scale * (0.5 + i / 4), "max": scale, "per_layer": per_layer}
-                               for i, t in enumerate(timesteps)},
-              "unprotected": [], "overall_definition": "rms"}
+                               for i, t in enumerate(timesteps)}, "overall_definition": "rms"}
+    report = {"step": 10, "mode": mode, "unprotected": [], "final_loss": 0.1, "preservation": errors}
     RunDir(str(run_dir)).write_json("lora/report.json", report)
     return report

@@ -81,12 +81,13 @@ def test_report_json_follows_schema_and_carries_its_sources(runs):
         [n for n, e in manifest["layers"].items() if e["side"] == "text"])
     # Preservation errors are training's; the baseline's come from the baseline run.
     p = report["preservation"]
-    assert (p["mode"], p["overall"], p["max"], p["per_layer"]) == ("global", train["overall"], train["max"],
-                                                                  train["per_layer"])
-    assert p["per_timestep"] == {t: v["overall"] for t, v in train["per_timestep"].items()}
+    errors = train["preservation"]
+    assert (p["mode"], p["overall"], p["max"], p["per_layer"]) == ("global", errors["overall"], errors["max"],
+                                                                  errors["per_layer"])
+    assert p["per_timestep"] == {t: v["overall"] for t, v in errors["per_timestep"].items()}
     base_train = runs["none"][4]
     assert report["baseline"]["mode"] == "none"
-    assert report["baseline"]["preservation_overall"] == base_train["overall"]
+    assert report["baseline"]["preservation_overall"] == base_train["preservation"]["overall"]
     assert report["baseline"]["drift_holdout"] == runs["none"][1]["drift"]["holdout"]
     assert summary["drift"] == report["drift"]["holdout"]
 
@@ -209,3 +210,21 @@ def test_compare_needs_reports(runs, tmp_path):
         compare_runs(str(runs["global"][0]), str(tmp_path / "nothing"))
     assert str(err.value) == (f"{tmp_path / 'nothing'}/report/report.json does not exist: run `nullbooth generate` "
                               "on that run first")
+
+
+def test_training_report_layouts(tmp_path):
+    """Errors nested under "preservation" (the training stage), flat at the top, or null (mode none, no statistics)."""
+    from nullbooth.report import read_preservation
+
+    run = RunDir(str(tmp_path))
+    assert read_preservation(run) is None
+    flat = {"mode": "global", "overall": 0.1, "max": 0.2, "per_layer": {"a": 0.2, "b": float("nan")},
+            "per_timestep": {"501": 0.05, "1": {"overall": 0.15}}, "unprotected": ["c"]}
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "report.json").write_text(json.dumps(flat))  # json writes NaN, which Python reads back
+    assert read_preservation(run) == {"source": "lora/report.json", "mode": "global", "overall": 0.1, "max": 0.2,
+                                      "per_layer": {"a": 0.2, "b": None}, "per_timestep": {"501": 0.05, "1": 0.15},
+                                      "unprotected": ["c"]}
+    (tmp_path / "lora" / "report.json").write_text(json.dumps({"mode": "none", "preservation": None}))
+    assert read_preservation(run) == {"source": "lora/report.json", "mode": "none", "overall": None, "max": None,
+                                      "per_layer": {}, "per_timestep": {}, "unprotected": []}
