@@ -108,6 +108,7 @@ class Worker:
         self.step = 0
         self.samples_seen = 0
         self.loss_history: list[float] = []
+        self.prior_loss_history: list[float] = []
         self.eval_loss_initial: float | None = None
         self.resumed_from: list[int] = []
         _seed_globals(tc.seed, rank)
@@ -225,6 +226,8 @@ class Worker:
         totals = all_reduce_mean(totals, self.world)
         self.step, self.samples_seen = step, self.samples_seen + self.global_batch()
         self.loss_history.append(float(totals[0] + tc.prior_loss_weight * totals[1]))
+        if self.klass is not None:
+            self.prior_loss_history.append(float(totals[1]))
         return {"loss": self.loss_history[-1], "instance_loss": float(totals[0]), "prior_loss": float(totals[1]),
                 "lr": lr, "bucket": draw.bucket}
 
@@ -257,6 +260,7 @@ class Worker:
                 "unprotected": plan.unprotected, "null_dims": plan.null_dims,
                 "num_workers": self.world, "global_batch_size": self.global_batch(),
                 "samples_seen": self.samples_seen, "loss_history": self.loss_history,
+                "prior_loss_history": self.prior_loss_history,
                 "final_loss": self.loss_history[-1] if self.loss_history else None,
                 "eval_loss": {"initial": self.eval_loss_initial, "final": self.eval_loss()},
                 "preservation": self.preservation(), "replica_max_abs_diff": replica_max_abs_diff,
@@ -277,6 +281,7 @@ class Worker:
         self.step, self.samples_seen = state.step, state.samples_seen
         report = state.report or {}
         self.loss_history = list(report.get("loss_history", []))
+        self.prior_loss_history = list(report.get("prior_loss_history", []))
         self.eval_loss_initial = report.get("eval_loss", {}).get("initial")
         self.resumed_from = list(report.get("resumed_from", [])) + [state.step]
         if self.rank < len(state.rng):
