@@ -33,8 +33,21 @@ START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 DATA = re.compile(r"<!-- results-data: (.*?) -->", re.S)
 
 
-# Benchmark name -> function(module, device, quick) returning contract rows, for scripts whose `run` differs.
-ADAPTERS: dict[str, Callable] = {}
+def _train(module, device: str, quick: bool) -> list[dict]:
+    """bench_train.py's rows (per-step seconds and projected/plain ratios), plus on a GPU the absolute figure the
+    operations guide plans with: SD1.5-shaped training steps per second on one GPU."""
+    rows = module.run(device=device, quick=quick)
+    if device == "cuda":
+        for r in [r for r in rows if "SD1.5" in r["figure"] and r["value"]]:
+            rows.append({"figure": f"training steps/s per GPU, {r['figure'].split(', ', 1)[1].split(' ÷')[0]} "
+                                   "(SD1.5-shaped)", "value": 1.0 / r["value"], "ratio": None, "target": None,
+                         "note": r["note"]})
+    return rows
+
+
+# Benchmark name -> function(module, device, quick) returning contract rows, for scripts whose `run` differs or
+# whose rows need a derived figure.
+ADAPTERS: dict[str, Callable] = {"train": _train}
 
 
 def discover() -> list[str]:
