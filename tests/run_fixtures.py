@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -27,8 +29,14 @@ from nullbooth.storage import RunDir
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
 
-def _unet(model_path: str) -> UNet2DConditionModel:
+@functools.lru_cache(maxsize=2)
+def _base_unet(model_path: str) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(resolve_model_location(model_path), subfolder="unet")
+
+
+def _unet(model_path: str) -> UNet2DConditionModel:
+    """A fresh copy of the model's UNet (callers add adapters to it), loaded from disk once per process."""
+    return copy.deepcopy(_base_unet(model_path))
 
 
 def make_lora(model_path: str, out_dir: str | Path, b_std: float, rank: int = 4, seed: int = 0) -> Path:
