@@ -287,15 +287,71 @@ def test_manifest_that_is_not_json_or_lies_about_shapes(base, tmp_path):
 
 
 def test_lcm_backend_matches_its_reference(ray_local, tmp_path):
-    config = make_config(tmp_path / "lcm", "sampling.num_inference_steps=2", yaml="tiny-lcm.yaml")
+    config = make_config(tmp_path / "lcm", "sampling.num_inference_steps=2", "preserve.max_prompts=10",
+                         "covariance.num_workers=1", yaml="tiny-lcm.yaml")
     build_covariance(config)
     expected = reference(config)
     manifest, sums = raw_sums(tmp_path / "lcm")
     assert manifest["backend"] == "lcm" and manifest["uses_guidance"] is False
     assert manifest["scheduler"]["class"] == "LCMScheduler" and manifest["timesteps"] == expected["plan"]
-    assert manifest["text_rows"] == expected["text_rows"] == 12 * 32  # no negative branch
+    assert manifest["text_rows"] == expected["text_rows"] == 6 * 32  # no negative branch
     assert rel_err(sums["text"], expected["text_sum"]) < 1e-12
     for t in expected["plan"]:
         for name, s in expected["sums"][t].items():
             assert manifest["image_rows"][str(t)][name] == expected["rows"][t][name]
             assert rel_err(sums[(t, name)], s) < 1e-12
+
+
+# -- null spaces that come out empty, and errors raised inside the actors --------------------------------------------
+SMALL = ["preserve.max_prompts=6", "preserve.holdout=2", "covariance.batch_size=2", "sampling.num_inference_steps=1",
+         "covariance.num_workers=1", "covariance.eigh_group_size=64", "covariance.dtype=float64"]
+
+
+def small_config(run_dir, *extra):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *SMALL, *extra])
+
+
+def files_under(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()) if run_dir.exists() else []
+
+
+def test_every_null_space_empty_is_an_error_and_removes_what_was_written(ray_local, tmp_path):
+    # to_out.0 sees full-rank keys here: no eigenvalue is ≤ 1e-6, so no layer keeps a null space.
+    config = small_config(tmp_path / "run", "covariance.layers=[attn2.to_out.0]",
+                         "projection.threshold.kind=absolute", "projection.threshold.value=1e-6")
+    with pytest.raises(NullBoothError, match="projection.threshold: with kind=absolute value=1e-06 every protected "
+                                             "layer has an empty null space"):
+        build_covariance(config)
+    assert files_under(tmp_path / "run") == []
+
+
+def test_some_empty_null_spaces_are_warnings(ray_local, tmp_path):
+    config = small_config(tmp_path / "run", "covariance.layers=[attn2.to_q, attn2.to_out.0]",
+                         "projection.threshold.kind=absolute", "projection.threshold.value=1e-6")
+    summary = build_covariance(config)
+    run = RunDir(str(tmp_path / "run"))
+    manifest = store.read_manifest(run)
+    covs = store.load_layer_covariances(run, manifest, "global")
+    empty = sorted(n for n, k in manifest["null_dims"]["global"].items() if k == 0)
+    assert 0 < len(empty) < len(manifest["layers"])  # the case this test is about: some, not all
+    for name in manifest["layers"]:
+        smallest = float(torch.linalg.eigvalsh(covs[name]).min())
+        assert (name in empty) == (smallest > 1e-6), name  # empty exactly where every eigenvalue exceeds τ
+    warned = sorted(w.split(":")[0] for w in summary["warnings"] if "empty null space" in w)
+    assert warned == empty
+
+
+def test_an_error_inside_an_actor_reaches_the_user_as_one_message(ray_local, tmp_path):
+    """Where the driver cannot see the model (it exists only on the workers), the actor's own check speaks."""
+    import ray
+
+    from nullbooth.entry import user_error
+    from nullbooth.stats.collector import Collector
+
+    config = small_config(tmp_path / "run", "covariance.layers=[attn2.to_qq]")
+    actor = ray.remote(Collector).options(num_cpus=1).remote(config, 0)
+    with pytest.raises(Exception) as err:
+        ray.get(actor.describe.remote())
+    found = user_error(err.value)
+    assert found is not None and str(found).startswith("covariance.layers: pattern 'attn2.to_qq' matches no linear")
+    ray.kill(actor)

@@ -1,7 +1,8 @@
 """Stage 1, `build_covariance`: collector actors → tree reduction → eigendecomposition tasks → the run's files.
 
 1. Read the preserved prompts (the last `preserve.holdout` are held out), check an existing run: a complete run made
-   with the same config and model is reused; a different one is refused unless `force`.
+   with the same config and model is reused; a different one is refused unless `force`. Check the UNet's layers
+   against `covariance.layers` from its config alone, before any actor starts.
 2. Connect to Ray, start `covariance.num_workers` collector actors (stats/collector.py) and deal them fixed prompt
    batches (stats/dealer.py), redoing every batch of an actor that dies.
 3. Per timestep, tree-reduce the live actors' sums (stats/reduce.py), write the mean covariances, and queue their
@@ -24,9 +25,11 @@ from ray.exceptions import RayActorError, RayTaskError
 
 import nullbooth
 from nullbooth import telemetry
+from nullbooth.backends import get_backend
 from nullbooth.cluster import cluster_has_gpu, connect
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.layers import find_protected_layers
 from nullbooth.stats.dealer import Dealer, make_batches
 from nullbooth.stats.hooks import state_means
 from nullbooth.stats.reduce import tree_reduce
@@ -44,6 +47,7 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
     prompts, holdout = preserved_prompts(config)
     run = RunDir(config.run_dir)
     candidate = _check_existing(run, config, (prompts, holdout), force)
+    _check_model(config)
     connect(config.ray)
     dealer = Dealer(config, make_batches(prompts, config.covariance.batch_size))
     try:
@@ -100,6 +104,26 @@ def _check_existing(run: RunDir, config: Config, prompts: tuple[list[str], list[
     if diffs and not force:
         raise NullBoothError(_refusal(run, diffs))
     return None if diffs else manifest
+
+
+def _check_model(config: Config) -> None:
+    """Refuse a model without cross-attention or a layer filter that matches nothing before any actor starts.
+
+    The UNet is built from its config on the meta device (no weights, about a second for SD1.5). If this process
+    cannot read the model (a path that exists only on the workers, a hub id not cached here), the actors check it.
+    """
+    from diffusers import UNet2DConditionModel
+
+    backend = get_backend(config)
+    try:
+        unet_config = UNet2DConditionModel.load_config(backend.location, subfolder="unet",
+                                                       revision=config.model.revision)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config)
+    except (NullBoothError, OSError, ValueError, TypeError):
+        return
+    backend.check_unet(unet)
+    find_protected_layers(unet, config.covariance.layers)
 
 
 def _clear(run: RunDir) -> None:

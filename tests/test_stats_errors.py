@@ -1,0 +1,101 @@
+"""Stage 1's user errors: each names the problem and leaves no partial run behind. All of them are caught in the
+driver before Ray is even needed (the empty-null-space error, which comes at the end, is in test_stats_build)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+
+from nullbooth.config import load_config
+from nullbooth.entry import guarded
+from nullbooth.errors import NullBoothError
+from nullbooth.stats.build import build_covariance
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["preserve.max_prompts=6", "preserve.holdout=2", "covariance.batch_size=2", "sampling.num_inference_steps=1",
+         "covariance.num_workers=1", "covariance.eigh_group_size=64", "covariance.dtype=float64"]
+
+
+def make_config(run_dir, *extra):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *SMALL, *extra])
+
+
+def assert_nothing_written(run_dir: Path) -> None:
+    leftovers = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()) \
+        if run_dir.exists() else []
+    assert leftovers == []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path, capsys):
+    # First in the module, before the module's local Ray: connect() only probes when Ray is not up yet.
+    if ray.is_initialized():
+        ray.shutdown()
+    address = f"127.0.0.1:{free_port()}"
+    config = make_config(tmp_path / "run", f"ray.address={address}")
+    assert guarded(lambda: build_covariance(config)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(f"nullbooth: error: ray.address: cannot reach the Ray cluster at "
+                                           f"'{address}'")
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_missing_prompt_file(tmp_path):
+    config = make_config(tmp_path / "run")
+    config.preserve.prompts_file = str(tmp_path / "gone.txt")  # removed after the config was validated
+    with pytest.raises(NullBoothError, match=r"prompts file '.*gone\.txt': no such file"):
+        build_covariance(config)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_empty_prompt_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n\n   \n")
+    config = make_config(tmp_path / "run", f"preserve.prompts_file={prompts}")
+    with pytest.raises(NullBoothError, match=r"prompts file .*prompts\.txt: contains no prompts"):
+        build_covariance(config)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_holdout_that_leaves_no_prompt(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na blue house\n")
+    config = make_config(tmp_path / "run", f"preserve.prompts_file={prompts}", "preserve.holdout=2")
+    with pytest.raises(NullBoothError, match="preserve.holdout: holding out 2 of the 2 prompts .* leaves none"):
+        build_covariance(config)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_layer_filter_that_matches_nothing(tmp_path):
+    config = make_config(tmp_path / "run", "covariance.layers=[attn2.to_q, attn2.to_qq]")
+    with pytest.raises(NullBoothError, match="covariance.layers: pattern 'attn2.to_qq' matches no linear layer"):
+        build_covariance(config)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_model_without_cross_attention(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from nullbooth.tiny import ensure_tiny_model
+
+    model = tmp_path / "no-attn2"
+    shutil.copytree(ensure_tiny_model("tiny"), model)
+    shutil.rmtree(model / "unet")
+    UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                         mid_block_type="UNetMidBlock2D", cross_attention_dim=64,
+                         norm_num_groups=32).save_pretrained(model / "unet")
+    config = make_config(tmp_path / "run", f"model.path={model}")
+    with pytest.raises(NullBoothError, match=r"has no cross-attention \(attn2\) layers"):
+        build_covariance(config)
+    assert_nothing_written(tmp_path / "run")

@@ -1,0 +1,121 @@
+"""The tree reduction against a plain sum, the eigendecomposition tasks' bases for every threshold kind, and the
+hooks' bookkeeping on a toy UNet."""
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from nullbooth.nullspace import threshold_tau
+from nullbooth.stats.hooks import KeyStatistics
+from nullbooth.stats.reduce import add_states, tree_levels, tree_reduce
+from nullbooth.stats.spectrum import decompose, submit_groups
+
+
+def random_state(seed: int, keys=("a", "b")) -> dict:
+    rng = np.random.default_rng(seed)
+    sums, rows = {}, {}
+    for key in keys:
+        x = rng.standard_normal((17, 6))
+        sums[key], rows[key] = x.T @ x, 17 + seed
+    return {"sums": sums, "rows": rows}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_tree_reduction_equals_a_plain_sum(ray_local, n):
+    states = [random_state(seed) for seed in range(n)]
+    ref, levels = tree_reduce([ray.put(s) for s in states])
+    total = ray.get(ref)
+    assert levels == tree_levels(n) == int(np.ceil(np.log2(n)))
+    for key in ("a", "b"):
+        np.testing.assert_allclose(total["sums"][key], sum(s["sums"][key] for s in states), rtol=1e-14, atol=0)
+        assert total["rows"][key] == sum(s["rows"][key] for s in states)
+
+
+def test_tree_reduction_runs_one_addition_per_pair_per_level(ray_local):
+    """N − 1 remote additions for N states, none in the driver."""
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def remote(a, b):
+            calls.append(1)
+            return ray.put(add_states(ray.get(a), ray.get(b)))
+
+    _, levels = tree_reduce([ray.put(random_state(s)) for s in range(5)], add=Counting)
+    assert len(calls) == 4 and levels == 3
+
+
+def test_add_states_carries_keys_present_on_one_side():
+    a, b = random_state(0, keys=("a",)), random_state(1, keys=("b",))
+    total = add_states(a, b)
+    assert set(total["sums"]) == {"a", "b"} and total["rows"] == {"a": 17, "b": 18}
+    np.testing.assert_array_equal(total["sums"]["b"], b["sums"]["b"])
+
+
+def covariance_with_spectrum(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+@pytest.mark.parametrize("kind, value", [("relative", 1e-3), ("absolute", 0.05), ("energy", 1e-2),
+                                         ("percentile", 40.0)])
+def test_eigh_tasks_give_orthonormal_null_space_bases(ray_local, kind, value):
+    eigenvalues = [0.0, 1e-6, 1e-4, 0.01, 0.04, 0.3, 1.0, 2.5, 4.0, 10.0]
+    items = [(("cov", i), covariance_with_spectrum(eigenvalues, seed=i)) for i in range(3)]
+    results = [r for group in ray.get(submit_groups(items, 2, kind, value, use_gpu=False)) for r in group]
+    assert [key for key, _ in results] == [key for key, _ in items]  # 2 tasks, every item once, in order
+    for (key, spectrum), (_, cov) in zip(results, items):
+        u, lam = torch.tensor(spectrum.basis), torch.tensor(spectrum.eigenvalues)
+        np.testing.assert_allclose(spectrum.eigenvalues, sorted(eigenvalues), atol=1e-12)
+        assert spectrum.tau == pytest.approx(threshold_tau(lam, kind, value))
+        selected = lam[lam <= spectrum.tau]
+        assert u.shape == (10, len(selected)) and 0 < len(selected) < 10
+        assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-12)
+        assert float(selected.max()) <= spectrum.tau
+        c = torch.from_numpy(cov)
+        assert float(torch.trace(u.T @ c @ u)) == pytest.approx(float(selected.sum()), abs=1e-12)
+    if kind == "energy":  # the null space holds at most `value` of the trace
+        assert float(selected.sum()) <= value * sum(eigenvalues)
+
+
+def test_decompose_is_float64_even_from_float32_input():
+    cov = covariance_with_spectrum([1e-9, 1.0, 2.0]).astype(np.float32)
+    [(_, spectrum)] = decompose([("x", cov)], "absolute", 1e-6)
+    assert spectrum.basis.dtype == spectrum.eigenvalues.dtype == np.float64 and spectrum.null_dim == 1
+
+
+class ToyUNet(torch.nn.Module):
+    """Two linears at different 'resolutions', called like a UNet: unet(sample, timestep, encoder_hidden_states)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 3)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):
+        return self.out(self.q(sample)[:, ::2])
+
+
+def test_hooks_add_gram_per_timestep_and_count_rows():
+    unet = ToyUNet()
+    layers = {"blk.attn2.to_q": unet.q, "blk.attn2.to_out.0": unet.out}
+    stats = KeyStatistics(unet, layers, [901, 1], product_dtype="float64")
+    x1, x2 = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    with stats.attached():
+        unet(x1, torch.tensor(901.0))
+        unet(x2, timestep=torch.tensor([1, 1]))
+        unet(x1, torch.tensor(901))
+    assert not unet._forward_pre_hooks and not unet.q._forward_pre_hooks  # removed after use
+    unet(x1, torch.tensor(5))  # outside `attached`: neither counted nor refused
+    q_in = x1.reshape(-1, 3).double()
+    np.testing.assert_allclose(stats.image_state(901)["sums"]["blk.attn2.to_q"], 2 * (q_in.T @ q_in).numpy(),
+                               rtol=1e-14)
+    assert stats.image_rows == {901: {"blk.attn2.to_q": 16, "blk.attn2.to_out.0": 8},
+                                1: {"blk.attn2.to_q": 8, "blk.attn2.to_out.0": 4}}
+    out_in = unet.q(x2)[:, ::2].reshape(-1, 3).double()
+    np.testing.assert_allclose(stats.image_state(1)["sums"]["blk.attn2.to_out.0"], (out_in.T @ out_in).detach(),
+                               rtol=1e-12)
+    with pytest.raises(Exception, match="timestep 5, which is not in its timestep plan"), stats.attached():
+        unet(x1, torch.tensor(5))
