@@ -135,8 +135,9 @@ def rows_for(label: str, model_path: str, resolution: int, kinds: list[str], rou
         # The ratio is the median of the paired per-round ratios: robust to load changing between rounds.
         ratio = statistics.median(p / q for p, q in zip(times[kind], times["none"]))
         latents = resolution // worker.pipe.vae_scale_factor
-        note = (f"{label}: median step {projected * 1e3:.1f} ms {kind} vs {plain * 1e3:.1f} ms plain, {rounds} "
-                f"interleaved rounds (ratio: median of paired ratios), batch 1, {latents}×{latents} latents, "
+        note = (f"{label}: median step {projected * 1e3:.1f} ms {kind} vs {plain * 1e3:.1f} ms plain (ratio of "
+                f"medians {projected / plain:.3f}), {rounds} interleaved rounds (ratio: median of the paired "
+                f"per-round ratios), batch 1, {latents}×{latents} latents, "
                 f"LoRA rank 4 on {len(worker.pairs)} layers, k = d/2, {torch.get_num_threads()} torch threads; "
                 f"load average {os.getloadavg()[0]:.1f}")
         out.append(row(f"training step, {kind} projection ÷ plain LoRA ({label})", projected, ratio, TARGET, note))

@@ -222,6 +222,8 @@ def test_refuses_mismatched_statistics_and_unprotected_targets(sd_stats, tmp_pat
         train(cfg(sd_stats, SD, "train.target_modules=[attn1.to_q]"))
     with pytest.raises(NullBoothError, match=r"train.target_modules: pattern 'attn9.to_q' matches no linear layer"):
         train(cfg(sd_stats, SD, "train.target_modules=[attn9.to_q]"))
+    with pytest.raises(NullBoothError, match=r"train.resolution: 34 is not a multiple of 4"):
+        train(cfg(sd_stats, SD, "train.resolution=34"))
     with pytest.raises(NullBoothError, match=r"covariance/manifest.json does not exist.*nullbooth build-cov"):
         train(cfg(tmp_path / "empty-run", SD))
 

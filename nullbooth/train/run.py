@@ -53,6 +53,9 @@ def train(config: Config) -> dict[str, Any]:
                                  f"Differences: {'; '.join(diffs)}")
     plan = plan_projection(config, manifest, probe["targets"])
     resolution = tc.resolution or probe["native_resolution"]
+    if resolution % probe["pixels_per_latent_cell"]:
+        raise NullBoothError(f"train.resolution: {resolution} is not a multiple of {probe['pixels_per_latent_cell']} "
+                             f"(the VAE's downsampling times the UNet's), which {config.model.path!r} needs")
     signature = training_signature(config, plan, probe, manifest, resolution)
     experiment = f"{storage_location(config)}/{tc.name}"
 
@@ -101,9 +104,11 @@ def _probe(config: Config) -> dict[str, Any]:
     key = "train.target_modules" if config.train.target_modules else "covariance.layers"
     targets = find_protected_layers(unet, patterns, key=key)
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_scale = 2 ** (len(unet.config.block_out_channels) - 1)
     return {"fingerprint": model_fingerprint(unet),
             "targets": {name: int(layer.in_features) for name, layer in targets.items()},
-            "native_resolution": int(unet.config.sample_size) * vae_scale}
+            "native_resolution": int(unet.config.sample_size) * vae_scale,
+            "pixels_per_latent_cell": vae_scale * unet_scale}
 
 
 def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manifest: dict | None,
