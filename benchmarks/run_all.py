@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,68 @@ def _train(module, device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def collector_throughput(model_path: str, resolution: int, steps: int, batch: int, gpus: int, pairs: int,
+                         dtype: str = "float16") -> dict:
+    """One collector actor (the statistics stage's own `Collector`) sampling `batch` prompts over `steps` steps, with
+    and without the key hooks, alternately; wall times seen by the driver (so queued GPU work is counted)."""
+    import ray
+
+    from nullbooth.config import load_config
+    from nullbooth.stats.collector import Collector
+    from nullbooth.stats.store import preserved_prompts
+
+    config = load_config(ROOT / "configs" / "sd15.yaml", [
+        f"model.path={model_path}", f"model.dtype={dtype}", "run_dir=/tmp/nullbooth-bench-gpu",
+        f"sampling.height={resolution}", f"sampling.width={resolution}", f"sampling.num_inference_steps={steps}",
+        f"preserve.max_prompts={batch}", "preserve.holdout=0", f"covariance.batch_size={batch}"])
+    prompts = preserved_prompts(config)[0][:batch]
+    actor = ray.remote(Collector).options(num_cpus=1, num_gpus=gpus).remote(config, 0)
+    device = ray.get(actor.describe.remote())["device"]
+
+    def seconds(collect: bool) -> float:
+        start = time.perf_counter()
+        ray.get(actor.absorb.remote(0, 0, prompts, collect))
+        return time.perf_counter() - start
+
+    seconds(False), seconds(True)  # warm-up: allocation, kernels, accumulators
+    hooked, plain = [], []
+    for i in range(pairs):
+        for collect in ((True, False) if i % 2 else (False, True)):
+            (hooked if collect else plain).append(seconds(collect))
+    ray.kill(actor)
+    ratio = statistics.median(h / p for h, p in zip(hooked, plain))
+    return {"device": device, "hooked": statistics.median(hooked), "plain": statistics.median(plain), "ratio": ratio}
+
+
+def _stats(module, device: str, quick: bool) -> list[dict]:
+    """bench_stats.py measures on CPU; on a GPU (--device cuda) this adds what the operations guide plans with:
+    prompts/s per GPU of one SD1.5-shaped collector at 512×512 in float16, and the hooks' overhead there."""
+    if device != "cuda":
+        return module.run(device=device, quick=quick)
+    import ray
+
+    steps, batch, pairs = (4, 2, 1) if quick else (30, 8, 3)
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        from benchmarks.common import sd15_model_dir
+
+        r = collector_throughput(str(sd15_model_dir()), 512, steps, batch, gpus=1, pairs=pairs)
+    finally:
+        ray.shutdown()
+    note = (f"one Collector actor on {r['device']}, SD1.5-shaped UNet (random weights) in float16, 512×512, "
+            f"{steps} steps of the sd15.yaml sampler with guidance, batches of {batch}; medians of {pairs} "
+            f"alternating pairs: hooked {r['hooked']:.2f} s, plain {r['plain']:.2f} s per batch")
+    return [
+        {"figure": "stats: prompts/s per GPU, SD1.5-shaped collector (512×512, hooks on)",
+         "value": batch / r["hooked"], "ratio": None, "target": None, "note": note},
+        {"figure": "stats: collection overhead on GPU, hooks ÷ plain sampling (SD1.5-shaped)", "value": r["hooked"],
+         "ratio": r["ratio"], "target": "≤ 1.10", "note": note},
+    ]
+
+
 # Benchmark name -> function(module, device, quick) returning contract rows, for scripts whose `run` differs or
 # whose rows need a derived figure.
-ADAPTERS: dict[str, Callable] = {"train": _train}
+ADAPTERS: dict[str, Callable] = {"stats": _stats, "train": _train}
 
 
 def discover() -> list[str]:
