@@ -170,10 +170,10 @@ def run(device: str = "cpu", quick: bool = False, skip_sd15: bool = False) -> li
             sd15 = _config(f"model.path={sd15_model_dir()}", f"sampling.height={CPU_RESOLUTION}",
                            f"sampling.width={CPU_RESOLUTION}", "sampling.num_inference_steps=4",
                            "preserve.max_prompts=8", "preserve.holdout=0")
-            o = overhead(sd15, batch=2, repeats=5)
+            o = overhead(sd15, batch=4, repeats=5)
             rows.append(row("stats: collection overhead, hooks ÷ plain sampling (SD1.5-shaped UNet)", o["hooked"],
                             o["pairwise"], "≤ 1.10",
-                            f"s per batch of 2 prompts at {CPU_RESOLUTION}×{CPU_RESOLUTION} px, 4 DDIM steps with "
+                            f"s per batch of 4 prompts at {CPU_RESOLUTION}×{CPU_RESOLUTION} px, 4 DDIM steps with "
                             f"guidance, 64 protected layers; ratio = median of 5 back-to-back pairs (alternating "
                             f"order; 1 actor, 1 CPU); medians plain {o['plain']:.2f} s, hooked {o['hooked']:.2f} s; "
                             f"{load()}"))

@@ -34,6 +34,18 @@ def gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
     return (rows.T @ rows).to(torch.float64)
 
 
+def add_gram(acc: torch.Tensor | None, x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
+    """acc + XᵀX, in place when `acc` exists: a float64 product goes straight into it (addmm_), a float32 one is
+    added with on-the-fly promotion (add_), so no float64 copy of the product is ever materialised — for wide
+    layers that see few rows (low resolution) that d×d pass, not the product, is the hook's main cost."""
+    if acc is None:
+        return gram(x, product_dtype)
+    rows = x.detach().reshape(-1, x.shape[-1]).to(product_dtype)
+    if product_dtype == torch.float64:
+        return acc.addmm_(rows.T, rows)
+    return acc.add_(rows.T @ rows)
+
+
 class KeyStatistics:
     """float64 `Σ xxᵀ` and row counts: one text-side sum, and one per (timestep, image-side layer)."""
 
@@ -54,8 +66,7 @@ class KeyStatistics:
     # -- text side -----------------------------------------------------------------------------------------------
     def add_text(self, embeddings: torch.Tensor) -> int:
         """Add every row of `embeddings` (prompts × tokens × width); returns the number of rows added."""
-        product = gram(embeddings, self.product_dtype).to(self.device)
-        self.text_sum = product if self.text_sum is None else self.text_sum + product
+        self.text_sum = add_gram(self.text_sum, embeddings.to(self.device), self.product_dtype)
         rows = embeddings.shape[0] * embeddings.shape[1]
         self.text_rows += rows
         return rows
@@ -89,12 +100,8 @@ class KeyStatistics:
             if self._current is None:
                 return  # a UNet call outside sampling (none in the pipelines we drive), nothing to attribute it to
             x = args[0]
-            product = gram(x, self.product_dtype)
             sums = self.image_sums[self._current]
-            if name in sums:
-                sums[name] += product
-            else:
-                sums[name] = product
+            sums[name] = add_gram(sums.get(name), x, self.product_dtype)
             rows = self.image_rows[self._current]
             rows[name] = rows.get(name, 0) + x.numel() // x.shape[-1]
 
