@@ -40,7 +40,7 @@ def lora_tensors(lora_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exported diffusers LoRA -> layer: (up, down)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             layer, kind = key.removeprefix("unet.").rsplit(".lora.", 1)
             out.setdefault(layer, {})[kind.split(".")[0]] = f.get_tensor(key)
     return {layer: (d["up"], d["down"]) for layer, d in out.items()}
@@ -153,9 +153,15 @@ def test_exported_lora_reproduces_the_trained_unet(sd_stats, global_run):
 # Distributed training, failures, resume
 
 
-def test_two_workers_stay_identical_and_match_one_worker(sd_stats, global_run):
-    two = train(cfg(sd_stats, SD, "train.name=two", "train.num_workers=2", "train.train_batch_size=1"))
+def test_two_workers_survive_a_failure_stay_identical_and_match_one_worker(sd_stats, global_run):
+    """2 workers with the global batch of the 1-worker run; worker 0 fails once at step 5 (after the step-4
+    checkpoint) and the group restarts from that checkpoint."""
+    config = cfg(sd_stats, SD, "train.name=two", "train.num_workers=2", "train.train_batch_size=1",
+                 "train.fail_at_step=5", "train.max_failures=1")
+    two = train(config)
     one = global_run[0]["report"]
+    assert two["resumed_from"] == [4] and two["steps"] == 6
+    assert (Path(sd_stats) / "train" / "two" / ".nullbooth-injected-failure").is_file()
     assert two["report"]["num_workers"] == 2 and two["report"]["global_batch_size"] == one["global_batch_size"] == 2
     assert two["report"]["replica_max_abs_diff"] == 0.0
     assert two["report"]["loss_history"] == pytest.approx(one["loss_history"], rel=1e-4)
@@ -164,21 +170,13 @@ def test_two_workers_stay_identical_and_match_one_worker(sd_stats, global_run):
         torch.testing.assert_close(lora_two[name][0], up, atol=1e-5, rtol=1e-3)
         torch.testing.assert_close(lora_two[name][1], down, atol=1e-5, rtol=1e-3)
 
-
-def test_injected_failure_resumes_from_the_last_checkpoint(sd_stats, global_run):
-    config = cfg(sd_stats, SD, "train.name=failing", "train.fail_at_step=5", "train.max_failures=1")
-    first = train(config)
-    assert first["resumed_from"] == [4] and first["steps"] == 6  # failed at 5, restarted from the step-4 checkpoint
-    assert (Path(sd_stats) / "train" / "failing" / ".nullbooth-injected-failure").is_file()
-    assert first["report"]["loss_history"] == global_run[0]["report"]["loss_history"]
-    for name, (up, down) in lora_tensors(first["lora_dir"]).items():
-        assert torch.equal(up, global_run[1][name][0]) and torch.equal(down, global_run[1][name][1]), name
     again = train(config)  # the same name again: already finished, returns without training
-    assert again["already_finished"] and again["steps"] == 6 and again["checkpoint"] == first["checkpoint"]
-    assert again["elapsed_s"] < first["elapsed_s"]
-    with pytest.raises(NullBoothError, match=r"train.name 'failing': .* holds a run with another configuration "
+    assert again["already_finished"] and again["steps"] == 6 and again["checkpoint"] == two["checkpoint"]
+    assert again["elapsed_s"] < two["elapsed_s"]
+    assert again["report"] == two["report"]
+    with pytest.raises(NullBoothError, match=r"train.name 'two': .* holds a run with another configuration "
                                              r"\(rank: checkpoint has 4, config has 8\)"):
-        train(cfg(sd_stats, SD, "train.name=failing", "train.rank=8"))
+        train(cfg(sd_stats, SD, "train.name=two", "train.rank=8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +218,8 @@ def test_refuses_mismatched_statistics_and_unprotected_targets(sd_stats, tmp_pat
         train(cfg(sd_stats, LCM))
     with pytest.raises(NullBoothError, match=r"train.target_modules: 7 LoRA target\(s\) have no null-space basis"):
         train(cfg(sd_stats, SD, "train.target_modules=[attn1.to_q]"))
-    with pytest.raises(NullBoothError, match=r"train.target_modules: pattern 'attn9.to_q' matches no linear layer"):
+    with pytest.raises(NullBoothError, match=r"^train.target_modules: pattern 'attn9.to_q' matches no linear layer "
+                                             r"of the UNet \(patterns are suffixes of module paths such as 'attn2.to_q'\)$"):
         train(cfg(sd_stats, SD, "train.target_modules=[attn9.to_q]"))
     with pytest.raises(NullBoothError, match=r"train.resolution: 34 is not a multiple of 4"):
         train(cfg(sd_stats, SD, "train.resolution=34"))

@@ -17,7 +17,12 @@ from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
 from nullbooth.layers import find_protected_layers, key_side
 from nullbooth.nullspace import null_space, preservation_error
-from nullbooth.stats.store import FORMAT_VERSION, load_bases, read_manifest, validate_manifest
+from nullbooth.stats.store import (
+    FORMAT_VERSION,
+    load_bases,
+    read_manifest,
+    validate_manifest,
+)
 from nullbooth.storage import RunDir
 from nullbooth.subject import draw_subject_image
 from nullbooth.train.checkpoint import load_training_state, save_training_state

@@ -148,7 +148,7 @@ class StepDraw:
     class_noise: torch.Tensor | None = None
     class_eps: torch.Tensor | None = None
 
-    def slice(self, sl: slice) -> "StepDraw":
+    def slice(self, sl: slice) -> StepDraw:
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[sl]
 

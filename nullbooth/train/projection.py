@@ -120,7 +120,7 @@ class NullSpaceProjection(torch.nn.Module):
         self.register_buffer("basis", basis)
 
     def forward(self, down: torch.Tensor) -> torch.Tensor:
-        basis = self.basis.to(down.dtype)
+        basis = self.basis if self.basis.dtype == down.dtype else self.basis.to(down.dtype)
         return (down @ basis) @ basis.T
 
 

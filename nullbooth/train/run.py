@@ -42,7 +42,13 @@ def train(config: Config) -> dict[str, Any]:
     run = RunDir(config.run_dir)
     manifest = _read_statistics(config, run)
     connect(config.ray)
-    probe = ray.get(_probe.remote(config))
+    try:
+        probe = ray.get(_probe.remote(config))
+    except ray.exceptions.RayTaskError as err:
+        found = user_error(err)  # a model or target problem: one clean message, not a remote traceback
+        if found is None:
+            raise
+        raise found from None
     if manifest is not None:
         from nullbooth.stats.store import manifest_mismatches
 
@@ -149,7 +155,7 @@ def _fit(config: Config, loop_config: dict[str, Any]):
                              failure_config=FailureConfig(max_failures=tc.max_failures)))
     try:
         result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - only a user error raised inside a worker is translated
+    except Exception as err:
         found = _worker_user_error(err)
         if found is not None:
             raise found from None

@@ -28,11 +28,22 @@ from nullbooth.backends import get_backend
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import TrainingState, rng_state, set_rng_state, signature_mismatches
+from nullbooth.train.checkpoint import (
+    TrainingState,
+    rng_state,
+    set_rng_state,
+    signature_mismatches,
+)
 from nullbooth.train.data import StepDraw, _mix, draw_step, to_pixels
 from nullbooth.train.preservation import PreservationMeter
-from nullbooth.train.projection import (ProjectionPlan, TimestepBuckets, TimestepProjector, attach_global,
-                                        effective_delta, lora_pairs)
+from nullbooth.train.projection import (
+    ProjectionPlan,
+    TimestepBuckets,
+    TimestepProjector,
+    attach_global,
+    effective_delta,
+    lora_pairs,
+)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -125,7 +136,7 @@ class Worker:
         names = self.plan.protected
         modules = dict(self.unet.named_modules())
         weights = {name: modules[name].base_layer.weight for name in names}
-        keep = lambda covs: {name: covs[name] for name in names}  # noqa: E731
+        keep = lambda covs: {name: covs[name] for name in names}
         return PreservationMeter(weights, keep(load_layer_covariances(run, manifest, "global")),
                                  {t: keep(load_layer_covariances(run, manifest, t)) for t in manifest["timesteps"]})
 
