@@ -30,10 +30,14 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, row, sd15_model_dir  # noqa: E402
-from nullbooth.config import load_config  # noqa: E402
-from nullbooth.train.projection import (TimestepBuckets, TimestepProjector, attach_global,  # noqa: E402
-                                        plan_projection)
+from benchmarks.common import machine, row, sd15_model_dir
+from nullbooth.config import load_config
+from nullbooth.train.projection import (
+    TimestepBuckets,
+    TimestepProjector,
+    attach_global,
+    plan_projection,
+)
 
 TARGET = "≤ 1.05"
 
@@ -125,10 +129,32 @@ def compare(worker, kinds: list[str], rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def isolated_cost(worker, bases: dict[str, torch.Tensor], repeats: int = 20) -> float:
+    """Median seconds of the work global mode adds to a step, alone: A·U·Uᵀ for every protected layer, forward and
+    backward (the rest of the step is the same computation in both modes)."""
+    basis = {name: b.to(device=worker.device, dtype=torch.float32) for name, b in bases.items()}
+    downs = {name: pair.down.weight.detach().clone().requires_grad_(True) for name, pair in worker.pairs.items()}
+
+    def once() -> None:
+        total = sum(((a @ basis[n]) @ basis[n].T).square().sum() for n, a in downs.items())
+        total.backward()
+
+    once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def rows_for(label: str, model_path: str, resolution: int, kinds: list[str], rounds: int, device: str) -> list[dict]:
     worker = build_worker(model_path, resolution, device)
     times = compare(worker, kinds, rounds)
     plain = statistics.median(times["none"])
+    extra = isolated_cost(worker, random_bases(worker))
     out = []
     for kind in kinds:
         projected = statistics.median(times[kind])
@@ -140,6 +166,9 @@ def rows_for(label: str, model_path: str, resolution: int, kinds: list[str], rou
                 f"per-round ratios), batch 1, {latents}×{latents} latents, "
                 f"LoRA rank 4 on {len(worker.pairs)} layers, k = d/2, {torch.get_num_threads()} torch threads; "
                 f"load average {os.getloadavg()[0]:.1f}")
+        if kind == "global":
+            note += (f"; the projections alone (A·U·Uᵀ of all {len(worker.pairs)} layers, forward + backward) take "
+                     f"{extra * 1e3:.2f} ms = {100 * extra / plain:.2f}% of a plain step")
         out.append(row(f"training step, {kind} projection ÷ plain LoRA ({label})", projected, ratio, TARGET, note))
         print(out[-1]["figure"], f"{ratio:.3f}", "|", note, flush=True)
     del worker
@@ -152,7 +181,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows = rows_for("tiny", "tiny", 32, ["global", "timestep"], rounds=8 if quick else 60, device=device)
     if not quick:
         resolution = 512 if device == "cuda" else 256
-        rows += rows_for("SD1.5-shaped", str(sd15_model_dir()), resolution, ["global"], rounds=12, device=device)
+        rows += rows_for("SD1.5-shaped", str(sd15_model_dir()), resolution, ["global"], rounds=20, device=device)
     for r in rows:
         r["note"] += f"; {machine(device)}"
     return rows
