@@ -324,3 +324,13 @@ def test_checkpoint_state_is_plain_json(fake_run, images, tmp_path):
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["step"] == 1 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2)
     assert len(state["rng"][0]["python"][1]) == 625  # the Mersenne Twister state, as numbers
+
+
+def test_gradient_checkpointing_changes_memory_not_results(fake_run, images):
+    plain, _ = make_worker(fake_run, images, "projection.mode=global")
+    checkpointed, _ = make_worker(fake_run, images, "projection.mode=global", "train.gradient_checkpointing=true")
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    train_steps(plain, 2)
+    train_steps(checkpointed, 2)
+    for name, param in plain.trainable.items():
+        torch.testing.assert_close(checkpointed.trainable[name], param, atol=1e-6, rtol=1e-5)
