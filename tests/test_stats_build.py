@@ -224,6 +224,19 @@ def test_matching_run_is_reused_and_another_model_refused(base, tmp_path):
         build_covariance(make_config(copy))
 
 
+def test_a_matching_run_with_a_lost_file_is_rebuilt(base, tmp_path):
+    _, run_dir, _ = base
+    copy = tmp_path / "lost"
+    shutil.copytree(run_dir, copy)
+    (copy / "projection" / "global.safetensors").unlink()
+    summary = build_covariance(make_config(copy, "covariance.num_workers=1"))
+    assert not summary["reused"]
+    m1, rebuilt = raw_sums(copy)
+    m2, original = raw_sums(run_dir)
+    assert m1["null_dims"] == m2["null_dims"] and all(rel_err(rebuilt[k], original[k]) < 1e-12 for k in original)
+    assert store.missing_files(RunDir(str(copy)), m1) == []
+
+
 def test_bases_and_covariances_for_every_protected_layer(base, ref):
     _, run_dir, _ = base
     run = RunDir(str(run_dir))
@@ -323,6 +336,7 @@ def test_every_null_space_empty_is_an_error_and_removes_what_was_written(ray_loc
                                              "layer has an empty null space"):
         build_covariance(config)
     assert files_under(tmp_path / "run") == []
+    assert not (tmp_path / "run" / "covariance").exists() and not (tmp_path / "run" / "projection").exists()
 
 
 def test_some_empty_null_spaces_are_warnings(ray_local, tmp_path):

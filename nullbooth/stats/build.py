@@ -35,8 +35,8 @@ from nullbooth.stats.hooks import state_means
 from nullbooth.stats.reduce import tree_reduce
 from nullbooth.stats.spectrum import Spectrum, submit_groups
 from nullbooth.stats.store import (COVARIANCE, FORMAT_VERSION, MANIFEST, PROJECTION, STORED_DTYPES, covariance_file,
-                                   has_manifest, manifest_mismatches, preserved_prompts, projection_file,
-                                   read_manifest, result_config, validate_manifest)
+                                   has_manifest, manifest_mismatches, missing_files, preserved_prompts,
+                                   projection_file, read_manifest, result_config, validate_manifest)
 from nullbooth.stats.summary import empty_null_spaces, format_summary, summarize
 from nullbooth.storage import RunDir
 
@@ -56,12 +56,15 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
         if candidate is not None:
             diffs = manifest_mismatches(candidate, config, info["fingerprint"], timesteps=info["timesteps"],
                                         prompts=(prompts, holdout))
-            if not diffs:
+            missing = missing_files(run, candidate)
+            if not diffs and not missing:
                 summary = summarize(candidate, run.uri(), reused=True)
                 print(format_summary(summary))
                 return summary
-            if not force:
+            if diffs and not force:
                 raise NullBoothError(_refusal(run, diffs))
+            if missing:  # same config, but files were lost since: rebuilding loses nothing
+                print(f"nullbooth: {run.uri()} lacks {len(missing)} statistics files (e.g. {missing[0]}); rebuilding")
         info = dealer.start()
         _clear(run)
         writer = Writer(run)
@@ -147,11 +150,15 @@ class Writer:
         self.written.append(rel)
 
     def remove_all(self) -> None:
+        """Delete every file written, then the statistics folders if that left them empty."""
         for rel in self.written:
             try:
                 self.run.delete(rel)
             except OSError:
                 pass
+        for folder in (COVARIANCE, PROJECTION):
+            if not self.run.listdir(folder):
+                self.run.delete(folder)
 
 
 # -- collection, reduction, decomposition ----------------------------------------------------------------------------

@@ -153,6 +153,12 @@ def has_manifest(run: RunDir) -> bool:
     return run.exists(MANIFEST)
 
 
+def missing_files(run: RunDir, manifest: dict) -> list[str]:
+    """The covariance and projection files a complete run with this manifest must hold but does not."""
+    stems = ["text", "global", *manifest["timesteps"]]
+    return [rel for which in stems for rel in (covariance_file(which), projection_file(which)) if not run.exists(rel)]
+
+
 # -- comparing a run with a config -----------------------------------------------------------------------------------
 def result_config(config: Config) -> dict:
     """The config sections that determine a statistics run's result, as recorded in its manifest."""
