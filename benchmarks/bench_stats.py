@@ -145,7 +145,6 @@ def reduction(n: int, widths: list[int]) -> dict:
 
     tree_mb, tree_s = _measure(tree)
     gather_mb, gather_s = _measure(gather)
-    del refs
     return {"tree_mb": tree_mb, "tree_s": tree_s, "gather_mb": gather_mb, "gather_s": gather_s}
 
 

@@ -45,7 +45,7 @@ def reference(config):
     rows = defaultdict(lambda: defaultdict(int))
     now = {}
     handles = [unet.register_forward_pre_hook(
-        lambda m, a, k: now.update(t=int(round(float((a[1] if len(a) > 1 else k["timestep"]).reshape(-1)[0])))),
+        lambda m, a, k: now.update(t=round(float((a[1] if len(a) > 1 else k["timestep"]).reshape(-1)[0]))),
         with_kwargs=True)]
 
     def on_layer(name):
@@ -121,7 +121,7 @@ def ref(base):
 
 
 def test_distributed_equals_single_process_reference(base, ref):
-    config, run_dir, summary = base
+    _, run_dir, summary = base
     manifest, sums = raw_sums(run_dir)
     assert manifest["timesteps"] == ref["plan"]
     assert manifest["model"]["fingerprint"] == ref["fingerprint"]
@@ -152,7 +152,7 @@ def test_float32_products_error_against_float64(ref):
 
 
 def test_one_actor_gives_the_same_sums(base, tmp_path):
-    config, run_dir, _ = base
+    _, run_dir, _ = base
     build_covariance(make_config(tmp_path / "one", "covariance.num_workers=1"))
     m1, one = raw_sums(tmp_path / "one")
     m2, two = raw_sums(run_dir)
@@ -195,7 +195,7 @@ def test_force_overwrites_a_different_run_completely(failed_and_forced):
 
 
 def test_a_different_config_is_refused_before_any_work(base):
-    config, run_dir, _ = base
+    _, run_dir, _ = base
     before = (run_dir / "covariance" / "manifest.json").read_bytes()
     other = make_config(run_dir, "sampling.num_inference_steps=4", "projection.threshold.value=0.01")
     with pytest.raises(NullBoothError) as err:

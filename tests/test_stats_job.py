@@ -101,7 +101,7 @@ def run_job(head: dict, run_dir: Path) -> None:
            "python", "jobs/build_cov.py", "--config", "configs/tiny.yaml", "--set", f"run_dir={run_dir}",
            "--set", "preserve.max_prompts=8", "--set", "preserve.holdout=2", "--set", "sampling.num_inference_steps=2",
            "--set", "covariance.num_workers=2", "--set", "covariance.batch_size=3"]
-    result = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=400)
+    result = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "statistics written at" in result.stdout  # the job's own summary table, streamed back
     request = urllib.request.Request(f"{head['address']}/api/jobs/{submission}",

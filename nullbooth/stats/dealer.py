@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -108,7 +109,7 @@ class Dealer:
                                  f"giving up. Last error: {str(err).strip().splitlines()[0]}")
         lost = slot.absorbed + list(slot.in_flight.values())
         self.done.difference_update(slot.absorbed)
-        self.pending.extendleft(reversed(sorted(lost)))
+        self.pending.extendleft(sorted(lost, reverse=True))  # back at the front, in order
         print(f"nullbooth: collector actor {slot.index} (incarnation {slot.incarnation}) died after absorbing "
               f"{len(slot.absorbed)} batches; re-dealing {len(lost)} batches to a replacement", file=sys.stderr)
         ray.kill(slot.actor, no_restart=True)

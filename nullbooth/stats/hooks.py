@@ -12,8 +12,8 @@ would only count them again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class KeyStatistics:
     def _on_unet(self, module, args, kwargs) -> None:
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        label = int(round(value))
+        label = round(value)
         if label not in self.image_sums:
             raise NullBoothError(f"sampling.scheduler: the sampler called the UNet at timestep {value:g}, which is not "
                                  f"in its timestep plan {self.timesteps}; this sampler cannot be used for statistics")

@@ -51,8 +51,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The summary as the table a person reads at the end of `build-cov`."""
     head = "reused complete run" if summary["reused"] else "statistics written"
     lines = [f"nullbooth build-cov: {head} at {summary['run_dir']}",
-             f"  {summary['prompts']} prompts ({summary['holdout_prompts']} held out), "
-             f"timesteps {summary['timesteps']}, {summary['text_rows']} text rows, model {summary['fingerprint']}"]
+             (f"  {summary['prompts']} prompts ({summary['holdout_prompts']} held out), timesteps "
+              f"{summary['timesteps']}, {summary['text_rows']} text rows, model {summary['fingerprint']}")]
     width = max(len(name) for name in summary["layers"])
     lines.append(f"  {'layer':<{width}}  side    d  null  per-t null  eigenvalues (min .. max)")
     for name, row in summary["layers"].items():
