@@ -58,7 +58,7 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
                                         prompts=(prompts, holdout))
             missing = missing_files(run, candidate)
             if not diffs and not missing:
-                summary = summarize(candidate, run.uri(), reused=True)
+                summary = summarize(candidate, _where(run), reused=True)
                 print(format_summary(summary))
                 return summary
             if diffs and not force:
@@ -82,9 +82,15 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
             raise
     finally:
         dealer.shutdown()
-    summary = summarize(manifest, run.uri(), reused=False)
+    summary = summarize(manifest, _where(run), reused=False)
     print(format_summary(summary))
     return summary
+
+
+def _where(run: RunDir) -> str:
+    """The run's location to print: absolute for a local path (a relative run_dir inside a submitted Ray job lands
+    in the job's working-dir copy, which is worth seeing), the URI otherwise."""
+    return run.root if run.is_local and not run.location.startswith("file://") else run.uri()
 
 
 # -- the existing run ------------------------------------------------------------------------------------------------
