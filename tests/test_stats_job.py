@@ -9,6 +9,7 @@ Token authentication is on with a private token passed through the environment (
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,7 @@ def private_head():
             except ProcessLookupError:
                 pass
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def run_job(head: dict, run_dir: Path) -> None:
