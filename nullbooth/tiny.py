@@ -151,9 +151,12 @@ def _check_backend(backend: str) -> None:
 
 def build_tiny_model(out_dir: str | os.PathLike, backend: str = "sd") -> Path:
     """Build the tiny pipeline for `backend` ("sd" or "lcm") and save it in diffusers layout into `out_dir`."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+    from nullbooth.backends import quiet_loading  # first: it also quiets what importing diffusers prints
+
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline  # noqa: I001
 
     _check_backend(backend)
+    quiet_loading()  # transformers' "Writing model shards" bars would interleave with the project's output
     tokenizer = build_tokenizer()
     cls = LatentConsistencyModelPipeline if backend == "lcm" else StableDiffusionPipeline
     pipe = cls(
