@@ -1,5 +1,6 @@
 """`ray job submit` end to end (slow): a private Ray head on free loopback ports and a temporary folder, the
-statistics job submitted with `--working-dir`, its run checked, then that head — and only that head — stopped.
+statistics job and then the whole pipeline submitted with `--working-dir`, the run checked, then that head — and
+only that head — stopped.
 
 `ray stop` has no `--address` in Ray 2.60 and would stop every Ray on the machine, so the head runs as
 `ray start --head --block`, a process this test owns: SIGTERM makes it take down exactly the processes it started.
@@ -21,6 +22,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from nullbooth.report import read_report
 from nullbooth.stats import store
 from nullbooth.storage import RunDir
 
@@ -95,28 +97,40 @@ def private_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def run_job(head: dict, run_dir: Path) -> None:
-    submission = f"nullbooth-stats-{secrets.token_hex(4)}"
-    runtime_env = {"env_vars": {"NULLBOOTH_CACHE": os.environ["NULLBOOTH_CACHE"], "HF_HUB_OFFLINE": "1"}}
+SMALL = ["preserve.max_prompts=8", "preserve.holdout=2", "sampling.num_inference_steps=2",
+         "covariance.num_workers=2", "covariance.batch_size=3"]
+
+
+def run_job(head: dict, script: str, run_dir: Path, overrides: list[str]) -> str:
+    """Submit `python <script>` with --working-dir, wait for it, check it SUCCEEDED; returns the job's output."""
+    submission = f"nullbooth-{Path(script).stem}-{secrets.token_hex(4)}"
+    runtime_env = {"env_vars": {"NULLBOOTH_CACHE": os.environ["NULLBOOTH_CACHE"], "HF_HUB_OFFLINE": "1",
+                                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}}
     cmd = ["ray", "job", "submit", "--address", head["address"], "--submission-id", submission,
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "jobs/build_cov.py", "--config", "configs/tiny.yaml", "--set", f"run_dir={run_dir}",
-           "--set", "preserve.max_prompts=8", "--set", "preserve.holdout=2", "--set", "sampling.num_inference_steps=2",
-           "--set", "covariance.num_workers=2", "--set", "covariance.batch_size=3"]
+           "python", script, "--config", "configs/tiny.yaml", "--set", f"run_dir={run_dir}",
+           *[arg for override in overrides for arg in ("--set", override)]]
     result = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=400, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "statistics written at" in result.stdout  # the job's own summary table, streamed back
     request = urllib.request.Request(f"{head['address']}/api/jobs/{submission}",
                                      headers={"Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["status"] == "SUCCEEDED"
+    return result.stdout
 
 
 def test_ray_job_submit_builds_the_run_then_only_our_head_stops(tmp_path):
+    """The statistics job, then the whole pipeline as a second job on the same run: it reuses the statistics,
+    trains and writes the report."""
     run_dir = tmp_path / "run"
     with private_head() as head:
         assert processes_mentioning(head["temp"])  # the head's processes are recognisable by our folder
-        run_job(head, run_dir)
+        stats_output = run_job(head, "jobs/build_cov.py", run_dir, SMALL)
+        assert "statistics written at" in stats_output  # the job's own summary table, streamed back
+        manifest_bytes = (run_dir / "covariance" / "manifest.json").read_bytes()
+        pipeline_output = run_job(head, "jobs/pipeline.py", run_dir,
+                                  [*SMALL, "train.max_train_steps=4", "train.checkpoint_every=2",
+                                   "generate.batch_size=8"])
     assert processes_mentioning(head["temp"]) == []
     with socket.socket() as s:  # the GCS port is closed again
         assert s.connect_ex(("127.0.0.1", head["gcs_port"])) != 0
@@ -132,3 +146,11 @@ def test_ray_job_submit_builds_the_run_then_only_our_head_stops(tmp_path):
     assert set(bases) == set(manifest["layers"])
     expected = {f"t{t:04d}.safetensors" for t in manifest["timesteps"]} | {"text.safetensors", "global.safetensors"}
     assert {p.name for p in (run_dir / "projection").iterdir()} == expected
+
+    # The pipeline job reused the statistics untouched, then trained and reported on them.
+    assert "reused complete run" in pipeline_output
+    assert (run_dir / "covariance" / "manifest.json").read_bytes() == manifest_bytes
+    report = read_report(run)
+    assert [p["prompt"] for p in report["prompts"] if p["kind"] == "holdout"] == manifest["holdout_prompts"]
+    assert report["preservation"]["mode"] == "global"
+    assert str(run_dir / "report" / "grid.png") in pipeline_output
