@@ -140,7 +140,7 @@ def storage_location(config: Config) -> str:
 
 
 def _fit(config: Config, loop_config: dict[str, Any]):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from nullbooth.train.loop import train_loop_per_worker
@@ -152,7 +152,10 @@ def _fit(config: Config, loop_config: dict[str, Any]):
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(storage_path=storage_location(config), name=tc.name,
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=tc.max_failures)))
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             # At INFO Ray Train echoes every reported metrics dict (one error per protected layer)
+                             # to the console; the metrics still reach the dashboard, and our own bar shows progress.
+                             logging_config=LoggingConfig(log_level="WARNING")))
     try:
         result = trainer.fit()
     except Exception as err:
