@@ -82,13 +82,14 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         def serial():
             return decompose(items, kind, value)
 
-        serial_dims: list[int] = []
+        serial_dims: dict = {}
 
         # Same answers both ways (null-space dimension of every covariance), before timing anything; the default
         # thread count is timed once (oversubscribed BLAS threads on a busy machine can take minutes).
         threads = torch.get_num_threads()
-        t_default = median_time(lambda: serial_dims.extend(s.null_dim for _, s in serial()), repeats=1, warmup=0)
-        assert [s.null_dim for _, s in parallel()] == serial_dims
+        t_default = median_time(lambda: serial_dims.update((k, s.null_dim) for k, s in serial()), repeats=1,
+                                warmup=0)
+        assert {k: s.null_dim for k, s in parallel()} == serial_dims
         t_parallel = median_time(parallel, repeats=repeats, warmup=1)
         torch.set_num_threads(1)
         try:

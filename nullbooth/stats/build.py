@@ -219,6 +219,7 @@ def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
             for name in image_layers:
                 global_sum[name] = global_sum[name] + covs[name] if name in global_sum else covs[name].copy()
                 decomposer.add(t, name, covs[name])
+            decomposer.flush()  # one timestep's layers at once, so its groups can be balanced by size
             del total, covs
             bar.update(1)
             done.set(i + 2)
@@ -250,8 +251,6 @@ class Decomposer:
         self.expected.setdefault(file, set()).add(key)
         self.pending.append(((file, key), cov))
         self.items += 1
-        if len(self.pending) >= self.group_size:
-            self.flush()
 
     def flush(self) -> None:
         if self.pending:

@@ -48,7 +48,14 @@ def _decompose_task(items, kind, value):
 
 def submit_groups(items: list[tuple[Any, np.ndarray]], group_size: int, kind: str, value: float,
                   use_gpu: bool) -> list[ray.ObjectRef]:
-    """One remote task per `group_size` items; each returns `decompose`'s list."""
+    """One remote task per `group_size` items; each returns `decompose`'s list.
+
+    eigh costs O(d³), so groups taken in module order would give one task all the 1280-wide SD1.5 layers and
+    another all the 320-wide ones. Dealing the items round-robin by size instead gives every task a similar load.
+    """
     options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
-    return [_decompose_task.options(**options).remote(items[i:i + group_size], kind, value)
-            for i in range(0, len(items), group_size)]
+    n_groups = -(-len(items) // group_size)
+    groups: list[list[tuple[Any, np.ndarray]]] = [[] for _ in range(n_groups)]
+    for rank, item in enumerate(sorted(items, key=lambda item: -item[1].shape[0])):
+        groups[rank % n_groups].append(item)
+    return [_decompose_task.options(**options).remote(group, kind, value) for group in groups]
