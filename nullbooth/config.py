@@ -333,6 +333,27 @@ def _check_constraints(obj: Any, prefix: str) -> None:
             raise NullBoothError(f"{key}: expected a value ≤ {meta['max']}, got {value!r}")
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """The config with its local paths made absolute against this process's working directory.
+
+    Stages hand the config to Ray actors, tasks and Train workers, whose working directory is not the driver's: a
+    relative `run_dir` would point somewhere else there. URIs and the "demo" / "tiny" names stay as they are.
+    """
+    def local(value: str | None, keep: tuple[str, ...] = ()) -> str | None:
+        if value is None or value in keep or _is_uri(value):
+            return value
+        return str(Path(value).expanduser().absolute())
+
+    return dataclasses.replace(
+        config,
+        run_dir=local(config.run_dir),
+        preserve=dataclasses.replace(config.preserve, prompts_file=local(config.preserve.prompts_file, ("demo",))),
+        train=dataclasses.replace(config.train, storage_path=local(config.train.storage_path),
+                                  instance_data_dir=local(config.train.instance_data_dir, ("demo",))),
+        generate=dataclasses.replace(config.generate, baseline_run=local(config.generate.baseline_run)),
+    )
+
+
 def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nullbooth.config import Config
+from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError
 from nullbooth.plots import image_grid, png_bytes
 from nullbooth.sampler import LORA_FILE, sample_images
@@ -100,6 +100,7 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
 
     With `prompt`, samples only that prompt in-process and returns {"prompt", "seeds", "image", "drift"}.
     """
+    config = with_absolute_paths(config)  # actors run elsewhere than the driver's cwd
     run = RunDir(config.run_dir)
     lora_dir = require_lora(run)
     if prompt is not None:

@@ -2,6 +2,7 @@
 all three stages, a valid report, and a second run that reuses every completed stage."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,17 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def lcm_run(tmp_path_factory, ray_local):
-    run_dir = tmp_path_factory.mktemp("lcm") / "run"
-    overrides = [*SMALL, f"run_dir={run_dir}"]
-    result = run_pipeline(load_config(ROOT / "configs" / "tiny-lcm.yaml", overrides))
-    return run_dir, overrides, result
+    """One pipeline run with a RELATIVE run_dir, as a user types it: Ray actors and Train workers do not share
+    the driver's working directory, so this shows the stages hand them a path that still points at the run."""
+    workdir = tmp_path_factory.mktemp("lcm")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = run_pipeline(load_config(ROOT / "configs" / "tiny-lcm.yaml", [*SMALL, "run_dir=runs/lcm"]))
+    finally:
+        os.chdir(previous)
+    run_dir = workdir / "runs" / "lcm"
+    return run_dir, [*SMALL, f"run_dir={run_dir}"], result
 
 
 def test_run_writes_every_stage_of_the_lcm_pipeline(lcm_run):

@@ -27,7 +27,7 @@ import nullbooth
 from nullbooth import telemetry
 from nullbooth.backends import get_backend
 from nullbooth.cluster import cluster_has_gpu, connect
-from nullbooth.config import Config
+from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError
 from nullbooth.layers import find_protected_layers
 from nullbooth.stats.dealer import Dealer, make_batches
@@ -43,6 +43,7 @@ from nullbooth.storage import RunDir
 
 def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
     """Build (or reuse) the statistics of `config.run_dir`; returns the summary dict (also printed)."""
+    config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
     prompts, holdout = preserved_prompts(config)
     run = RunDir(config.run_dir)

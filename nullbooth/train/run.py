@@ -24,7 +24,7 @@ import ray
 
 from nullbooth.backends import get_backend, model_fingerprint
 from nullbooth.cluster import connect
-from nullbooth.config import Config
+from nullbooth.config import Config, with_absolute_paths
 from nullbooth.entry import user_error
 from nullbooth.errors import NullBoothError
 from nullbooth.storage import RunDir, is_uri
@@ -36,6 +36,7 @@ from nullbooth.train.projection import ProjectionPlan, plan_projection
 
 def train(config: Config) -> dict[str, Any]:
     """Train the LoRA of `config` (resuming or returning at once when its run name has progress); returns a summary."""
+    config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
     tc = config.train
     images = open_instance_images(tc.instance_data_dir)  # user errors first, before Ray starts
