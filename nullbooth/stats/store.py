@@ -249,34 +249,31 @@ def load_bases(run: RunDir, manifest: dict, which: str | int = "global") -> dict
     _check_which(manifest, which)
     dims = manifest["null_dims"]
     image_dims = dims["global"] if which == "global" else dims["timesteps"][str(which)]
-    text = image = None
-    out: dict[str, torch.Tensor] = {}
-    for name, entry in manifest["layers"].items():
-        d = entry["in_features"]
-        if entry["side"] == "text":
-            if text is None:
-                text = _tensor(read_projection(run, "text"), "basis", (d, dims["text"]), run.uri(projection_file("text")))
-            out[name] = text
-        else:
-            if image is None:
-                image = read_projection(run, which)
-            out[name] = _tensor(image, f"{name}.basis", (d, image_dims[name]), run.uri(projection_file(which)))
-    return out
+    return _per_layer(run, manifest, which, read_projection, projection_file,
+                      text=lambda d: ("basis", (d, dims["text"])),
+                      image=lambda name, d: (f"{name}.basis", (d, image_dims[name])))
 
 
 def load_layer_covariances(run: RunDir, manifest: dict, which: str | int = "global") -> dict[str, torch.Tensor]:
     """Every protected layer -> its float64 covariance C (d, d): text-side layers share the text covariance."""
     _check_which(manifest, which)
-    text = image = None
+    return _per_layer(run, manifest, which, read_covariance, covariance_file,
+                      text=lambda d: ("cov", (d, d)), image=lambda name, d: (name, (d, d)))
+
+
+def _per_layer(run: RunDir, manifest: dict, which: str | int, read, file_of, text, image) -> dict[str, torch.Tensor]:
+    """Layer -> tensor, reading the text file and the `which` file once each; `text(d)` / `image(name, d)` give
+    the tensor's key and the shape the manifest promises."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    loaded: dict[tuple, torch.Tensor] = {}  # the text tensor is loaded once and shared by every text-side layer
     out: dict[str, torch.Tensor] = {}
     for name, entry in manifest["layers"].items():
         d = entry["in_features"]
-        if entry["side"] == "text":
-            if text is None:
-                text = _tensor(read_covariance(run, "text"), "cov", (d, d), run.uri(covariance_file("text")))
-            out[name] = text
-        else:
-            if image is None:
-                image = read_covariance(run, which)
-            out[name] = _tensor(image, name, (d, d), run.uri(covariance_file(which)))
+        source = "text" if entry["side"] == "text" else which
+        if source not in files:
+            files[source] = read(run, source)
+        key, shape = text(d) if source == "text" else image(name, d)
+        if (source, key) not in loaded:
+            loaded[(source, key)] = _tensor(files[source], key, shape, run.uri(file_of(source)))
+        out[name] = loaded[(source, key)]
     return out
