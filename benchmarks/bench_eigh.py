@@ -38,7 +38,7 @@ def sd15_image_widths() -> list[int]:
     order: to_q and to_out.0 of the 16 cross-attention blocks; 10 at 320, 10 at 640, 12 at 1280)."""
     from benchmarks.common import build_sd15_unet
     from nullbooth.config import DEFAULT_PROTECTED_LAYERS
-    from nullbooth.layers import find_protected_layers, key_side
+    from nullbooth.models.layers import find_protected_layers, key_side
 
     layers = find_protected_layers(build_sd15_unet(device="meta"), DEFAULT_PROTECTED_LAYERS)
     return [layer.in_features for name, layer in layers.items() if key_side(name) == "image"]

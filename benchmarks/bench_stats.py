@@ -89,7 +89,7 @@ def dealing_seconds(config, workers: int, repeats: int) -> float:
 def sd15_image_widths() -> list[int]:
     from benchmarks.common import build_sd15_unet
     from nullbooth.config import DEFAULT_PROTECTED_LAYERS
-    from nullbooth.layers import find_protected_layers, key_side
+    from nullbooth.models.layers import find_protected_layers, key_side
 
     layers = find_protected_layers(build_sd15_unet(device="meta"), DEFAULT_PROTECTED_LAYERS)
     return [layer.in_features for name, layer in layers.items() if key_side(name) == "image"]

@@ -46,9 +46,9 @@ def build_worker(model_path: str, resolution: int, device: str):
     """A plain-LoRA Worker on `model_path` (no statistics run needed in mode none)."""
     from diffusers import UNet2DConditionModel
 
-    from nullbooth.backends import resolve_model_location
-    from nullbooth.layers import find_protected_layers
-    from nullbooth.subject import draw_subject_image
+    from nullbooth.models.layers import find_protected_layers
+    from nullbooth.models.registry import resolve_model_location
+    from nullbooth.models.subject import draw_subject_image
     from nullbooth.train.data import stack_images
     from nullbooth.train.worker import Worker
 

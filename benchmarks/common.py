@@ -78,9 +78,9 @@ def sd15_model_dir(text_layers: int = 2) -> Path:
     them small keeps a CPU benchmark's time in the UNet, which is what the SD1.5 figures are about. The tokenizer
     is the tiny model's BPE, lengthened to 77 tokens. Use it as `model.path` with `sampling.height/width`.
     """
-    from nullbooth.tiny import build_once, tiny_cache_dir
+    from nullbooth.models.cache import build_once, cache_dir
 
-    dest = tiny_cache_dir() / f"sd15-shaped-t{text_layers}-v1"
+    dest = cache_dir() / f"sd15-shaped-t{text_layers}-v1"
     return build_once(dest, lambda tmp: _build_sd15_model(tmp, text_layers))
 
 
@@ -88,7 +88,8 @@ def _build_sd15_model(out: Path, text_layers: int) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nullbooth.tiny import build_scheduler, build_tokenizer
+    from nullbooth.models.tiny import build_scheduler
+    from nullbooth.models.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     text_config = CLIPTextConfig(

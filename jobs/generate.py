@@ -1,28 +1,15 @@
-"""Stage 3 as a Ray job: `ray job submit --working-dir . -- python jobs/generate.py --config configs/tiny.yaml`."""
+"""Stage 3 (generation and report) as a Ray job: `ray job submit --working-dir . -- python jobs/generate.py --config CONFIG [--set k=v]`.
 
-import argparse
+The same as `nullbooth generate`; see `python jobs/generate.py --help`.
+"""
+
 import sys
 from pathlib import Path
 
 # Submitted with `--working-dir .` the package may not be installed on the cluster: import it from the working dir.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nullbooth.entry import add_config_arguments, config_from_args, guarded
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_config_arguments(parser, positional=False)
-    parser.add_argument("--prompt", default=None, help="generate just this prompt, quickly")
-    args = parser.parse_args()
-
-    def run() -> None:
-        from nullbooth.generate import generate
-
-        generate(config_from_args(args), prompt=args.prompt)
-
-    return guarded(run)
-
+from nullbooth.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["generate", *sys.argv[1:]]))

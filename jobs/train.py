@@ -1,27 +1,15 @@
-"""Stage 2 as a Ray job: `ray job submit --working-dir . -- python jobs/train.py --config configs/tiny.yaml`."""
+"""Stage 2 (projected LoRA training) as a Ray job: `ray job submit --working-dir . -- python jobs/train.py --config CONFIG [--set k=v]`.
 
-import argparse
+The same as `nullbooth train`; see `python jobs/train.py --help`.
+"""
+
 import sys
 from pathlib import Path
 
 # Submitted with `--working-dir .` the package may not be installed on the cluster: import it from the working dir.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nullbooth.entry import add_config_arguments, config_from_args, guarded
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_config_arguments(parser, positional=False)
-    args = parser.parse_args()
-
-    def run() -> None:
-        from nullbooth.train.run import train
-
-        train(config_from_args(args))
-
-    return guarded(run)
-
+from nullbooth.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

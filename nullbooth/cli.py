@@ -1,58 +1,112 @@
-"""The `nullbooth` command line. Each subcommand is a thin shell over one component function."""
+"""The `nullbooth` command line. Each subcommand is a thin shell over one component function; the Ray jobs in
+jobs/ are shims over the same commands.
+
+A user error (NullBoothError, also when raised inside a Ray actor or task) prints one line and exits with 2;
+nothing else is swallowed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from nullbooth.entry import DEFAULT_CONFIG, add_config_arguments, config_from_args, guarded
+from nullbooth.config import Config, load_config
+from nullbooth.errors import user_error
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
-def _validate(args: argparse.Namespace) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# The config arguments and the user-error boundary
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """CONFIG as a positional argument or as --config (the form `ray job submit` commands use), and --set."""
+    default = f" (default: {DEFAULT_CONFIG.name})" if optional else ""
+    parser.add_argument("config", nargs="?", default=None, help="YAML config" + default)
+    parser.add_argument("--config", dest="config_option", default=None, metavar="CONFIG", help="the same, as an option")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set sampling.num_inference_steps=8 (repeatable)")
+    parser.set_defaults(config_optional=optional)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    if args.config and args.config_option:
+        parser.error("give the config once: as CONFIG or as --config")
+    path = args.config or args.config_option
+    if path is None:
+        if not args.config_optional:
+            parser.error("a config is needed: CONFIG or --config CONFIG")
+        path = DEFAULT_CONFIG
+    return load_config(path, args.overrides)
+
+
+def guarded(main: Callable[[], int | None]) -> int:
+    """Run `main`, turning a user error into one line on stderr and exit status 2."""
+    try:
+        return main() or 0
+    except KeyboardInterrupt:
+        print("nullbooth: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - only user errors are handled, the rest is re-raised
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"nullbooth: error: {found}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands: each takes (config or None, args)
+
+
+def _validate(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.config import config_to_yaml
 
-    print(config_to_yaml(config_from_args(args)), end="")
+    print(config_to_yaml(config), end="")
 
 
-def _timesteps(args: argparse.Namespace) -> None:
-    from nullbooth.backends import get_backend
+def _timesteps(config: Config, args: argparse.Namespace) -> None:
+    from nullbooth.models.backends import get_backend
 
-    print(json.dumps(get_backend(config_from_args(args)).timestep_plan()))
+    print(json.dumps(get_backend(config).timestep_plan()))
 
 
-def _tiny_model(args: argparse.Namespace) -> None:
-    from nullbooth.tiny import build_tiny_model
+def _tiny_model(config: None, args: argparse.Namespace) -> None:
+    from nullbooth.models.tiny import build_tiny_model
 
     print(build_tiny_model(args.out_dir, backend=args.backend))
 
 
-def _build_cov(args: argparse.Namespace) -> None:
+def _build_cov(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.stats.build import build_covariance
 
-    build_covariance(config_from_args(args), force=args.force)
+    build_covariance(config, force=args.force)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.train.run import train
 
-    train(config_from_args(args))
+    train(config)
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from nullbooth.generate import generate
+def _generate(config: Config, args: argparse.Namespace) -> None:
+    from nullbooth.report.generate import generate
 
-    generate(config_from_args(args), prompt=args.prompt)
+    generate(config, prompt=args.prompt)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.pipeline import run_pipeline
 
-    run_pipeline(config_from_args(args, default=DEFAULT_CONFIG), force=args.force)
+    run_pipeline(config, force=args.force)
 
 
-def _compare(args: argparse.Namespace) -> None:
-    from nullbooth.report import compare_runs
+def _compare(config: None, args: argparse.Namespace) -> None:
+    from nullbooth.report.compare import compare_runs
 
     compare_runs(args.run_a, args.run_b, out_dir=args.out)
 
@@ -61,27 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nullbooth", description="Null-space constrained DreamBooth LoRA on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help: str, **config) -> argparse.ArgumentParser:
+    def command(name: str, handler, help: str, config: str | None = "required") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        if config:
-            add_config_arguments(p, **config)
-        p.set_defaults(handler=handler)
+        if config is not None:
+            add_config_arguments(p, optional=config == "optional")
+        p.set_defaults(handler=handler, reads_config=config is not None, parser=p)
         return p
 
-    command("validate", _validate, "print the resolved config, or the first problem in it", positional=True)
-    command("timesteps", _timesteps, "print the sampler's timestep plan as JSON", positional=True)
-    p = command("tiny-model", _tiny_model, "build the embedded tiny model into a folder")
+    command("validate", _validate, "print the resolved config, or the first problem in it")
+    command("timesteps", _timesteps, "print the sampler's timestep plan as JSON")
+    p = command("tiny-model", _tiny_model, "build the embedded tiny model into a folder", config=None)
     p.add_argument("out_dir")
     p.add_argument("--backend", choices=("sd", "lcm"), default="sd")
-    p = command("build-cov", _build_cov, "stage 1: key covariances and null-space bases", positional=True)
+    p = command("build-cov", _build_cov, "stage 1: key covariances and null-space bases")
     p.add_argument("--force", action="store_true", help="overwrite a complete run made with another config")
-    command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train", positional=True)
-    p = command("generate", _generate, "stage 3: base vs fine-tuned samples and the report", positional=True)
+    command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")
+    p = command("generate", _generate, "stage 3: base vs fine-tuned samples and the report")
     p.add_argument("--prompt", default=None, help="generate just this prompt, quickly")
-    p = command("run", _run, "all stages in one go (default config: configs/tiny.yaml)", positional=True,
-                optional=True)
+    p = command("run", _run, "all stages in one go (default config: configs/tiny.yaml)", config="optional")
     p.add_argument("--force", action="store_true", help="redo the statistics even if a run exists")
-    p = command("compare", _compare, "compare two runs (e.g. global vs none): one table and one plot")
+    p = command("compare", _compare, "compare two runs (e.g. global vs none): one table and one plot", config=None)
     p.add_argument("run_a")
     p.add_argument("run_b")
     p.add_argument("--out", default=None, help="folder for the table and plot (default: RUN_A/report/compare)")
@@ -90,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded(lambda: args.handler(args))
+    return guarded(lambda: args.handler(config_from_args(args.parser, args) if args.reads_config else None, args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from nullbooth.config import Config
 
 
 def run_pipeline(config: Config, force: bool = False) -> dict:
-    from nullbooth.generate import generate
+    from nullbooth.report.generate import generate
     from nullbooth.stats.build import build_covariance
     from nullbooth.train.run import train
 

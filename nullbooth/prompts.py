@@ -13,6 +13,10 @@ from nullbooth.errors import NullBoothError
 # Shipped with the package (see pyproject's package-data), used by the demo configs.
 DEMO_PROMPTS_FILE: Path = Path(__file__).resolve().parent / "data" / "preserve_prompts.txt"
 
+# The demo's DreamBooth prompts: the rare token "sks" names the drawn subject, a teapot (models/subject.py).
+DEMO_INSTANCE_PROMPT = "a photo of sks teapot"
+DEMO_CLASS_PROMPT = "a photo of a teapot"
+
 
 def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> list[str]:
     """The prompts of `path` in file order, stripped, without blank and comment lines.

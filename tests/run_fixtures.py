@@ -19,11 +19,12 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from nullbooth.backends import resolve_model_location
 from nullbooth.config import DEFAULT_PROTECTED_LAYERS
-from nullbooth.layers import find_protected_layers, layer_table
+from nullbooth.layout import MANIFEST, projection_file
+from nullbooth.models.layers import find_protected_layers, layer_table
+from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import null_space
-from nullbooth.stats.store import FORMAT_VERSION, MANIFEST, projection_file, validate_manifest
+from nullbooth.stats.store import FORMAT_VERSION, validate_manifest
 from nullbooth.storage import RunDir
 
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]

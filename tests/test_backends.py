@@ -17,13 +17,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from nullbooth.backends import get_backend
 from nullbooth.cli import main as cli_main
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.tiny import ensure_tiny_model
+from nullbooth.models.backends import get_backend
+from nullbooth.models.tiny import ensure_tiny_model
 
-# Built by hand from diffusers, independently of nullbooth.backends.SCHEDULER_CLASSES.
+# Built by hand from diffusers, independently of nullbooth.models.backends.SCHEDULER_CLASSES.
 EXPECTED = {
     "ddim": lambda path: DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
     "dpm++2m": lambda path: DPMSolverMultistepScheduler.from_pretrained(path, subfolder="scheduler",

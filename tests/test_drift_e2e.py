@@ -10,8 +10,9 @@ import shutil
 import pytest
 
 from nullbooth.config import load_config
-from nullbooth.generate import generate
-from nullbooth.report import check_report, compare_runs
+from nullbooth.report.compare import compare_runs
+from nullbooth.report.generate import generate
+from nullbooth.report.schema import check_report
 from nullbooth.stats.build import build_covariance
 from nullbooth.train.run import train
 

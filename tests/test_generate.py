@@ -11,11 +11,12 @@ from PIL import Image
 from run_fixtures import make_lora
 from safetensors.torch import load_file
 
-from nullbooth.backends import get_backend
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.generate import generate, instance_variants
-from nullbooth.report import check_report
+from nullbooth.models.backends import get_backend
+from nullbooth.report.generate import generate
+from nullbooth.report.plan import instance_variants
+from nullbooth.report.schema import check_report
 from nullbooth.stats.build import build_covariance
 
 BASE = ["sampling.num_inference_steps=2", "preserve.max_prompts=10", "preserve.holdout=2",

@@ -11,7 +11,7 @@ from PIL import Image
 from nullbooth.cli import main as cli_main
 from nullbooth.config import load_config
 from nullbooth.pipeline import run_pipeline
-from nullbooth.report import read_report
+from nullbooth.report.schema import read_report
 from nullbooth.stats import store
 from nullbooth.storage import RunDir
 

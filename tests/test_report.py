@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from run_fixtures import make_lora, write_fake_statistics, write_train_report
 from safetensors.torch import load_file
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.generate import instance_variants, seeds_for, write_samples
-from nullbooth.report import check_report, compare_runs, write_report
-from nullbooth.sampler import apply_lora, load_sampling_pipeline, sample_batch
+from nullbooth.models.sampler import apply_lora, load_sampling_pipeline, sample_batch
+from nullbooth.report.compare import compare_runs
+from nullbooth.report.generate import write_samples
+from nullbooth.report.plan import PromptSamples, instance_variants, seeds_for
+from nullbooth.report.schema import check_report
+from nullbooth.report.write import write_report
 from nullbooth.storage import RunDir
 
 HOLDOUT = ["a wooden chair by a window", "a bowl of ramen on a table"]
@@ -43,13 +45,13 @@ def make_run(root: Path, name: str, b_std: float, mode: str, train_scale: float 
     base = sample_batch(config, pipe, [p for _, p, _ in rows], [s for _, _, s in rows])
     apply_lora(pipe, str(run_dir / "lora"))
     tuned = sample_batch(config, pipe, [p for _, p, _ in rows], [s for _, _, s in rows])
-    samples = [{"prompt": p, "kind": k, "seeds": [], "base": [], "finetuned": [], "base_latent": [],
-                "finetuned_latent": []} for p, k in plan]
+    samples = [PromptSamples(p, k) for p, k in plan]
     for r, (j, _, seed) in enumerate(rows):
-        samples[j]["seeds"].append(seed)
-        for which, (images, latents) in (("base", base), ("finetuned", tuned)):
-            samples[j][which].append(images[r])
-            samples[j][f"{which}_latent"].append(latents[r])
+        samples[j].seeds.append(seed)
+        samples[j].base.append(base[0][r])
+        samples[j].base_latents.append(base[1][r])
+        samples[j].finetuned.append(tuned[0][r])
+        samples[j].finetuned_latents.append(tuned[1][r])
     run = RunDir(str(run_dir))
     write_samples(run, samples)
     summary = write_report(config, run, samples)
@@ -214,7 +216,7 @@ def test_compare_needs_reports(runs, tmp_path):
 
 def test_training_report_layouts(tmp_path):
     """Errors nested under "preservation" (the training stage), flat at the top, or null (mode none, no statistics)."""
-    from nullbooth.report import read_preservation
+    from nullbooth.report.write import read_preservation
 
     run = RunDir(str(tmp_path))
     assert read_preservation(run) is None

@@ -5,9 +5,9 @@ import pytest
 import torch
 from run_fixtures import make_lora
 
-from nullbooth.backends import get_backend
 from nullbooth.config import load_config
-from nullbooth.sampler import sample_images
+from nullbooth.models.backends import get_backend
+from nullbooth.models.sampler import sample_images
 
 PROMPTS = ["a photo of a dog", "a red car on a street", "a painting of a lighthouse", "a bowl of fruit",
            "a snowy mountain at dawn"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nullbooth.backends import get_backend, model_fingerprint
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
+from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.stats import store
 from nullbooth.stats.build import build_covariance
 from nullbooth.stats.hooks import KeyStatistics
@@ -359,7 +359,7 @@ def test_an_error_inside_an_actor_reaches_the_user_as_one_message(ray_local, tmp
     """Where the driver cannot see the model (it exists only on the workers), the actor's own check speaks."""
     import ray
 
-    from nullbooth.entry import user_error
+    from nullbooth.errors import user_error
     from nullbooth.stats.collector import Collector
 
     config = small_config(tmp_path / "run", "covariance.layers=[attn2.to_qq]")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from nullbooth.cli import guarded
 from nullbooth.config import load_config
-from nullbooth.entry import guarded
 from nullbooth.errors import NullBoothError
 from nullbooth.stats.build import build_covariance
 
@@ -86,7 +86,7 @@ def test_layer_filter_that_matches_nothing(tmp_path):
 def test_model_without_cross_attention(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from nullbooth.tiny import ensure_tiny_model
+    from nullbooth.models.tiny import ensure_tiny_model
 
     model = tmp_path / "no-attn2"
     shutil.copytree(ensure_tiny_model("tiny"), model)

@@ -22,7 +22,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from nullbooth.report import read_report
+from nullbooth.report.schema import read_report
 from nullbooth.stats import store
 from nullbooth.storage import RunDir
 

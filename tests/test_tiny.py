@@ -13,15 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from nullbooth import tiny
 from nullbooth.errors import NullBoothError
-from nullbooth.prompts import DEMO_PROMPTS_FILE, read_prompts
-from nullbooth.subject import (
-    DEMO_CLASS_PROMPT,
-    DEMO_INSTANCE_PROMPT,
+from nullbooth.models import cache as model_cache
+from nullbooth.models import tiny
+from nullbooth.models.subject import (
     draw_subject_images,
     ensure_subject_images,
     resolve_instance_dir,
+)
+from nullbooth.models.tokenizer import train_bpe
+from nullbooth.prompts import (
+    DEMO_CLASS_PROMPT,
+    DEMO_INSTANCE_PROMPT,
+    DEMO_PROMPTS_FILE,
+    read_prompts,
 )
 
 
@@ -66,7 +71,7 @@ def _safetensors(root: Path) -> dict[str, bytes]:
 
 
 def test_cache_layout_and_env(cache: Path, models):
-    assert tiny.tiny_cache_dir() == cache
+    assert model_cache.cache_dir() == cache
     v = tiny.TINY_FORMAT_VERSION
     assert models == {"sd": cache / f"tiny-v{v}", "lcm": cache / f"tiny-lcm-v{v}"}
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name], "temporary build directories left behind"
@@ -75,7 +80,12 @@ def test_cache_layout_and_env(cache: Path, models):
 
 
 def test_stock_diffusers_loads_the_right_pipeline_class(pipes):
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import (
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+    )
 
     assert type(pipes["sd"]) is StableDiffusionPipeline
     assert type(pipes["lcm"]) is LatentConsistencyModelPipeline
@@ -182,7 +192,7 @@ def test_build_once_tolerates_losing_the_race(tmp_path):
         dest.mkdir()
         (dest / "theirs.txt").write_text("winner")
 
-    assert tiny.build_once(dest, build_while_another_process_wins) == dest
+    assert model_cache.build_once(dest, build_while_another_process_wins) == dest
     assert [p.name for p in dest.iterdir()] == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["thing-v1"], "the loser's temporary directory was left behind"
 
@@ -193,7 +203,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        tiny.build_once(tmp_path / "thing-v1", broken)
+        model_cache.build_once(tmp_path / "thing-v1", broken)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -278,10 +288,10 @@ def test_bpe_trainer_matches_a_naive_reference():
 
     toy = Counter({"low": 5, "lower": 2, "newest": 6, "widest": 3})
     # ("e","s") and ("s","t</w>") tie at 9; the smaller text wins. Then "lo" (7) beats the 6-count pairs.
-    assert tiny.train_bpe(toy, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
-    assert tiny.train_bpe(toy, 20) == naive(toy, 20)
+    assert train_bpe(toy, 4) == [("e", "s"), ("es", "t</w>"), ("l", "o"), ("e", "w")]
+    assert train_bpe(toy, 20) == naive(toy, 20)
     words = Counter(w for p in read_prompts(DEMO_PROMPTS_FILE, max_prompts=200) for w in p.lower().split())
-    assert tiny.train_bpe(words, 150) == naive(words, 150)
+    assert train_bpe(words, 150) == naive(words, 150)
 
 
 # ---------------------------------------------------------------------------------------------------- subject

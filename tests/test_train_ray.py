@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from nullbooth.backends import get_backend, resolve_model_location
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
+from nullbooth.models.backends import get_backend
+from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import preservation_error, threshold_tau
 from nullbooth.stats.build import build_covariance
 from nullbooth.stats.store import load_layer_covariances, read_manifest

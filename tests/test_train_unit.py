@@ -15,7 +15,8 @@ from PIL import Image
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.layers import find_protected_layers, key_side
+from nullbooth.models.layers import find_protected_layers, key_side
+from nullbooth.models.subject import draw_subject_image
 from nullbooth.nullspace import null_space, preservation_error
 from nullbooth.stats.store import (
     FORMAT_VERSION,
@@ -24,7 +25,6 @@ from nullbooth.stats.store import (
     validate_manifest,
 )
 from nullbooth.storage import RunDir
-from nullbooth.subject import draw_subject_image
 from nullbooth.train.checkpoint import load_training_state, save_training_state
 from nullbooth.train.data import open_instance_images, stack_images, take
 from nullbooth.train.export import save_lora
@@ -48,7 +48,7 @@ def spd(q: torch.Tensor, null: int, gen: torch.Generator) -> torch.Tensor:
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from nullbooth.backends import resolve_model_location
+    from nullbooth.models.registry import resolve_model_location
 
     return UNet2DConditionModel.from_pretrained(resolve_model_location("tiny"), subfolder="unet")
 
@@ -231,7 +231,7 @@ def test_resume_from_saved_state_is_exact(fake_run, images, tmp_path):
 def test_export_loads_with_stock_diffusers_and_reproduces_the_unet(fake_run, images, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from nullbooth.backends import resolve_model_location
+    from nullbooth.models.registry import resolve_model_location
 
     worker, _ = make_worker(fake_run, images, "projection.mode=global", "train.rank=4", "train.alpha=8")
     train_steps(worker, 3)

@@ -25,18 +25,29 @@ from ray.exceptions import RayActorError, RayTaskError
 
 import nullbooth
 from nullbooth import telemetry
-from nullbooth.backends import get_backend
 from nullbooth.cluster import cluster_has_gpu, connect
 from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError
-from nullbooth.layers import find_protected_layers
+from nullbooth.layout import COVARIANCE_DIR as COVARIANCE_DIR
+from nullbooth.layout import MANIFEST, covariance_file, projection_file
+from nullbooth.layout import PROJECTION_DIR as PROJECTION_DIR
+from nullbooth.models.backends import get_backend
+from nullbooth.models.layers import find_protected_layers
 from nullbooth.stats.dealer import Dealer, make_batches
 from nullbooth.stats.hooks import state_means
 from nullbooth.stats.reduce import tree_reduce
 from nullbooth.stats.spectrum import Spectrum, submit_groups
-from nullbooth.stats.store import (COVARIANCE, FORMAT_VERSION, MANIFEST, PROJECTION, STORED_DTYPES, covariance_file,
-                                   has_manifest, manifest_mismatches, missing_files, preserved_prompts,
-                                   projection_file, read_manifest, result_config, validate_manifest)
+from nullbooth.stats.store import (
+    FORMAT_VERSION,
+    STORED_DTYPES,
+    has_manifest,
+    manifest_mismatches,
+    missing_files,
+    preserved_prompts,
+    read_manifest,
+    result_config,
+    validate_manifest,
+)
 from nullbooth.stats.summary import empty_null_spaces, format_summary, summarize
 from nullbooth.storage import RunDir
 
@@ -139,8 +150,8 @@ def _check_model(config: Config) -> None:
 def _clear(run: RunDir) -> None:
     """Remove an old or incomplete run's statistics, the manifest first, so nothing stale looks complete."""
     run.delete(MANIFEST)
-    run.delete(COVARIANCE)
-    run.delete(PROJECTION)
+    run.delete(COVARIANCE_DIR)
+    run.delete(PROJECTION_DIR)
 
 
 class Writer:
@@ -163,7 +174,7 @@ class Writer:
                 self.run.delete(rel)
             except OSError:
                 pass
-        for folder in (COVARIANCE, PROJECTION):
+        for folder in (COVARIANCE_DIR, PROJECTION_DIR):
             if not self.run.listdir(folder):
                 self.run.delete(folder)
 

@@ -23,10 +23,10 @@ import ray
 import torch
 
 from nullbooth import telemetry
-from nullbooth.backends import get_backend, model_fingerprint, torch_threads_for
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
-from nullbooth.layers import find_protected_layers, layer_table
+from nullbooth.models.backends import get_backend, model_fingerprint, torch_threads_for
+from nullbooth.models.layers import find_protected_layers, layer_table
 from nullbooth.stats.hooks import KeyStatistics, State
 
 

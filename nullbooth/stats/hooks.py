@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.layers import key_side
+from nullbooth.models.layers import key_side
 
 PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -25,34 +25,14 @@ import torch
 
 from nullbooth.config import THRESHOLD_KINDS, Config
 from nullbooth.errors import NullBoothError
-from nullbooth.layers import key_side
+from nullbooth.layout import MANIFEST, covariance_file, projection_file
+from nullbooth.models.layers import key_side
 from nullbooth.prompts import read_prompts, resolve_prompts_file
 from nullbooth.storage import RunDir
 
 FORMAT_VERSION = 1
-COVARIANCE = "covariance"
-PROJECTION = "projection"
-MANIFEST = f"{COVARIANCE}/manifest.json"
 STORED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-# -- names -----------------------------------------------------------------------------------------------------------
-def file_stem(which: str | int) -> str:
-    """"text", "global", or "tXXXX" (4-digit timestep) for an int timestep."""
-    if which in ("text", "global"):
-        return str(which)
-    if isinstance(which, int) and not isinstance(which, bool) and 0 <= which <= 9999:
-        return f"t{which:04d}"
-    raise NullBoothError(f"covariance selector {which!r}: expected 'text', 'global' or a timestep 0..9999")
-
-
-def covariance_file(which: str | int) -> str:
-    return f"{COVARIANCE}/{file_stem(which)}.safetensors"
-
-
-def projection_file(which: str | int) -> str:
-    return f"{PROJECTION}/{file_stem(which)}.safetensors"
 
 
 # -- prompts ---------------------------------------------------------------------------------------------------------
@@ -203,7 +183,7 @@ def manifest_mismatches(manifest: dict, config: Config, fingerprint: str | None 
         found.append(f"model fingerprint: run was built on UNet {recorded_fp}, this model is {fingerprint} "
                      "(different weights or architecture)")
     if timesteps is None:
-        from nullbooth.backends import get_backend
+        from nullbooth.models.backends import get_backend
 
         timesteps = get_backend(config).timestep_plan()
     if manifest.get("timesteps") != list(timesteps):

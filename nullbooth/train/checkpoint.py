@@ -28,12 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nullbooth.errors import NullBoothError
-
-STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-RNG = "rng.safetensors"
-REPORT = "report.json"
+from nullbooth.layout import CHECKPOINT_OPTIMIZER as OPTIMIZER
+from nullbooth.layout import CHECKPOINT_RNG as RNG
+from nullbooth.layout import CHECKPOINT_STATE as STATE
+from nullbooth.layout import CHECKPOINT_TRAINABLE as TRAINABLE
+from nullbooth.layout import REPORT_NAME as REPORT
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Images are read, checked and resized on the driver (a corrupt file is reported by name before any worker starts)
 and shipped to the workers as one uint8 array through the object store, so the workers never need the driver's
-local folders. Class images for prior preservation are sampled with the base model by `nullbooth.sampler` (Ray Data
+local folders. Class images for prior preservation are sampled with the base model by `nullbooth.models.sampler` (Ray Data
 batch inference on an actor pool) and cached in `run_dir/class_images/`.
 
 Every random quantity of optimizer step `s` — which images, noise, timesteps, the VAE latent sample — comes from a
@@ -25,12 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import CLASS_DIR, CLASS_INFO
+from nullbooth.layout import class_image_file as class_image_name
+from nullbooth.models.subject import resolve_instance_dir
 from nullbooth.storage import RunDir
-from nullbooth.subject import resolve_instance_dir
-
-CLASS_DIR = "class_images"
-CLASS_INFO = f"{CLASS_DIR}/info.json"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Images
@@ -89,10 +87,6 @@ def class_image_info(config: Config) -> dict:
             "width": s.width, "seed": config.train.seed}
 
 
-def class_image_name(index: int) -> str:
-    return f"{CLASS_DIR}/class_{index:04d}.png"
-
-
 def ensure_class_images(config: Config) -> list[Image.Image]:
     """The first `train.num_class_images` class images: those cached in run_dir are reused, missing ones are sampled
     with the base model (image i with seed train.seed + i) on a Ray Data actor pool and cached."""
@@ -103,7 +97,7 @@ def ensure_class_images(config: Config) -> list[Image.Image]:
         run.delete(CLASS_DIR)  # made for another class prompt or model: stale
     missing = [i for i in range(want) if not run.exists(class_image_name(i))]
     if missing:
-        from nullbooth.sampler import sample_images
+        from nullbooth.models.sampler import sample_images
 
         run.write_json(CLASS_INFO, info)
         rows = sample_images(config, [config.train.class_prompt] * len(missing),

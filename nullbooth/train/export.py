@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
+from nullbooth.layout import LORA_DIR, LORA_FILE, TRAIN_REPORT
+from nullbooth.layout import LORA_WEIGHTS as WEIGHTS
+from nullbooth.layout import REPORT_NAME as REPORT
 from nullbooth.storage import RunDir
 from nullbooth.train.projection import LoraPair
-
-LORA_DIR = "lora"
-WEIGHTS = "pytorch_lora_weights.safetensors"
-REPORT = "report.json"
 
 
 def peft_state_dict(pairs: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
@@ -48,8 +47,8 @@ def save_lora(pipeline_class: type, directory: str | Path, pairs: dict[str, Lora
 def publish(run: RunDir, checkpoint_dir: str | Path) -> str:
     """Copy a checkpoint's LoRA and report into `run_dir/lora/`; returns its location."""
     source = Path(checkpoint_dir)
-    run.write_bytes(f"{LORA_DIR}/{WEIGHTS}", (source / LORA_DIR / WEIGHTS).read_bytes())
-    run.write_bytes(f"{LORA_DIR}/{REPORT}", (source / REPORT).read_bytes())
+    run.write_bytes(LORA_FILE, (source / LORA_DIR / WEIGHTS).read_bytes())
+    run.write_bytes(TRAIN_REPORT, (source / REPORT).read_bytes())  # last: it marks the LoRA complete
     return run.uri(LORA_DIR)
 
 

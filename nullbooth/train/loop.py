@@ -21,12 +21,17 @@ from typing import Any
 import torch
 
 from nullbooth import telemetry
-from nullbooth.backends import torch_threads_for
+from nullbooth.layout import (
+    FAIL_MARKER,
+    LORA_DIR,
+    REPORT_NAME,
+    checkpoint_dir_name,
+    validation_file,
+)
+from nullbooth.models.backends import torch_threads_for
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import REPORT, load_training_state, save_training_state
-from nullbooth.train.export import LORA_DIR, save_lora
-
-FAIL_MARKER = ".nullbooth-injected-failure"
+from nullbooth.train.checkpoint import load_training_state, save_training_state
+from nullbooth.train.export import save_lora
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -82,7 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             bar.update(1)
             gauges.step(out)
             if tc.validation_prompts and (step % tc.validation_every == 0 or step == tc.max_train_steps):
-                RunDir(config.run_dir).write_bytes(f"report/validation_step{step:04d}.png",
+                RunDir(config.run_dir).write_bytes(validation_file(step),
                                                    worker.validation_grid(tc.validation_prompts))
         last = step == tc.max_train_steps
         save = last or step % tc.checkpoint_every == 0
@@ -110,9 +115,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                 lr_scheduler=worker.lr_scheduler, rng=rng)
             save_lora(type(worker.pipe), Path(directory) / LORA_DIR, worker.pairs, worker.lora_config)
             report = worker.report(replica_diff)
-            (Path(directory) / REPORT).write_text(json.dumps(report, indent=1))
+            (Path(directory) / REPORT_NAME).write_text(json.dumps(report, indent=1))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_step{step:06d}")
+                             checkpoint_dir_name=checkpoint_dir_name(step))
     if bar is not None:
         bar.close()
     return report if rank == 0 else None

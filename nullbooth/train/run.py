@@ -22,13 +22,13 @@ from typing import Any
 
 import ray
 
-from nullbooth.backends import get_backend, model_fingerprint
 from nullbooth.cluster import connect
 from nullbooth.config import Config, with_absolute_paths
-from nullbooth.entry import user_error
-from nullbooth.errors import NullBoothError
+from nullbooth.errors import NullBoothError, user_error
+from nullbooth.layout import CHECKPOINT_STATE, MANIFEST, REPORT_NAME, TRAIN_DIR
+from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.storage import RunDir, is_uri
-from nullbooth.train.checkpoint import REPORT, STATE, signature_mismatches
+from nullbooth.train.checkpoint import signature_mismatches
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
 from nullbooth.train.export import local_checkpoint_copy, publish
 from nullbooth.train.projection import ProjectionPlan, plan_projection
@@ -55,7 +55,7 @@ def train(config: Config) -> dict[str, Any]:
 
         diffs = manifest_mismatches(manifest, config, probe["fingerprint"])
         if diffs:
-            raise NullBoothError(f"{run.uri('covariance/manifest.json')}: the statistics run was made for another "
+            raise NullBoothError(f"{run.uri(MANIFEST)}: the statistics run was made for another "
                                  f"model or config; rebuild it (nullbooth build-cov --force) or use another run_dir. "
                                  f"Differences: {'; '.join(diffs)}")
     plan = plan_projection(config, manifest, probe["targets"])
@@ -96,8 +96,8 @@ def _probe(config: Config) -> dict[str, Any]:
     """What the driver needs to know about the model: fingerprint, LoRA targets, native resolution."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from nullbooth.backends import DTYPES
-    from nullbooth.layers import find_protected_layers
+    from nullbooth.models.backends import DTYPES
+    from nullbooth.models.layers import find_protected_layers
 
     backend = get_backend(config)
     kwargs = {"subfolder": "unet", "revision": config.model.revision, "torch_dtype": DTYPES[config.model.dtype]}
@@ -132,7 +132,7 @@ def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manife
 
 def storage_location(config: Config) -> str:
     """Ray Train's storage_path: train.storage_path, else run_dir/train (local paths made absolute)."""
-    location = config.train.storage_path or f"{config.run_dir.rstrip('/')}/train"
+    location = config.train.storage_path or f"{config.run_dir.rstrip('/')}/{TRAIN_DIR}"
     return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
 
 
@@ -141,7 +141,13 @@ def storage_location(config: Config) -> str:
 
 
 def _fit(config: Config, loop_config: dict[str, Any]):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from nullbooth.train.loop import train_loop_per_worker
@@ -195,7 +201,7 @@ def _finished_checkpoint(experiment: str, signature: dict[str, Any], max_train_s
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        state = json.loads(Path(directory, STATE).read_text())
+        state = json.loads(Path(directory, CHECKPOINT_STATE).read_text())
     diffs = signature_mismatches(state["signature"], signature)
     if diffs:
         raise NullBoothError(f"train.name {experiment.rsplit('/', 1)[-1]!r}: {experiment} holds a run with another "
@@ -213,7 +219,7 @@ def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_
     directory, cleanup = local_checkpoint_copy(checkpoint)
     try:
         lora_dir = publish(run, directory)
-        with open(os.path.join(directory, REPORT)) as f:
+        with open(os.path.join(directory, REPORT_NAME)) as f:
             report = json.load(f)
     finally:
         cleanup()

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nullbooth.backends import get_backend
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.models.backends import get_backend
 from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import (
     TrainingState,

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nullbooth.backends import get_backend, torch_threads_for
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import LORA_WEIGHTS
+from nullbooth.models.backends import get_backend, torch_threads_for
 from nullbooth.storage import RunDir
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "nullbooth"
 
 
@@ -43,10 +43,10 @@ def load_sampling_pipeline(config: Config, device: torch.device | str = "cpu", l
 def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0) -> None:
     """Load a LoRA with stock `load_lora_weights` (not fused: a zero LoRA leaves every output bit-identical)."""
     run = RunDir(lora_dir)
-    if not run.exists(LORA_FILE):
-        raise NullBoothError(f"{run.uri(LORA_FILE)} does not exist: no LoRA to load")
+    if not run.exists(LORA_WEIGHTS):
+        raise NullBoothError(f"{run.uri(LORA_WEIGHTS)} does not exist: no LoRA to load")
     with _local_copy(run) as local:
-        pipe.load_lora_weights(local, weight_name=LORA_FILE, adapter_name=ADAPTER_NAME)
+        pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(lora_scale)])
 
 
@@ -64,8 +64,8 @@ class _local_copy:
         if self.run.is_local:
             return self.run.local_path()
         self.temp = tempfile.mkdtemp(prefix="nullbooth-lora-")
-        with open(os.path.join(self.temp, LORA_FILE), "wb") as f:
-            f.write(self.run.read_bytes(LORA_FILE))
+        with open(os.path.join(self.temp, LORA_WEIGHTS), "wb") as f:
+            f.write(self.run.read_bytes(LORA_WEIGHTS))
         return self.temp
 
     def __exit__(self, *exc: Any) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.models.cache import quiet_loading
+from nullbooth.models.registry import resolve_model_location
 
 # Sampler name -> (diffusers class, overrides applied on top of the model's own scheduler config).
 SCHEDULER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -49,24 +50,6 @@ SCHEDULER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_model_location(path: str) -> str:
-    """A local folder or hub id for `model.path`; the embedded tiny models are built on first use."""
-    from nullbooth.tiny import TINY_MODELS, ensure_tiny_model
-
-    if path in TINY_MODELS:
-        return str(ensure_tiny_model(path))
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise NullBoothError(f"model.path: {path!r} is not a diffusers pipeline folder (no model_index.json)")
-        return str(local)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise NullBoothError(f"model.path: {path!r} is neither a local folder, a hub id (org/name) nor "
-                             "one of 'tiny', 'tiny-lcm'")
-    return path
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:
@@ -251,17 +234,6 @@ class LCMBackend(Backend):
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
     """LCM's sinusoidal embedding of the guidance scale (as in the LCM pipeline's get_guidance_scale_embedding)."""
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embedding_dim)
-
-
-def quiet_loading() -> None:
-    """Loading bars and info logs of diffusers/transformers would drown the project's own progress in actors."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def get_backend(config: Config) -> Backend:

@@ -66,13 +66,14 @@ def _cell(image: np.ndarray) -> Image.Image:
     return img
 
 
-def image_grid(rows: list[dict], title: str = "") -> bytes:
+def image_grid(rows: list, title: str = "") -> bytes:
     """Rows = prompts, columns = base images then fine-tuned images, labelled.
 
-    rows: [{"prompt", "kind", "base": [uint8 HxWx3, ...], "finetuned": [...]}] with the same count in every row.
+    rows: records with .prompt, .kind, .base and .finetuned ([uint8 HxWx3, ...], the same count in every row),
+    such as nullbooth.report.plan.PromptSamples.
     """
-    n = len(rows[0]["base"])
-    cells = [[_cell(a) for a in row["base"]] + [_cell(a) for a in row["finetuned"]] for row in rows]
+    n = len(rows[0].base)
+    cells = [[_cell(a) for a in row.base] + [_cell(a) for a in row.finetuned] for row in rows]
     cw, ch = cells[0][0].size
     pad, label_w, header_h = 6, 260, 46 if title else 26
     font, small, bold = _font(14), _font(12), _font(16)
@@ -90,9 +91,9 @@ def image_grid(rows: list[dict], title: str = "") -> bytes:
     draw.text((col_x[n], top), "fine-tuned", fill="black", font=font)
     for r, (row, row_cells) in enumerate(zip(rows, cells)):
         y = header_h + r * (ch + pad)
-        kind = row.get("kind", "")
+        kind = row.kind
         draw.rectangle([pad, y, pad + 4, y + ch], fill=KIND_COLORS.get(kind, "#999999"))
-        text = "\n".join(textwrap.wrap(row["prompt"], 30)[:5])
+        text = "\n".join(textwrap.wrap(row.prompt, 30)[:5])
         draw.multiline_text((pad + 10, y + 2), text, fill="black", font=font, spacing=2)
         if kind:
             draw.text((pad + 10, y + ch - 16), kind, fill=KIND_COLORS.get(kind, "#555555"), font=small)

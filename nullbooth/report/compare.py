@@ -11,10 +11,10 @@ import csv
 import io
 from typing import Any
 
-import numpy as np
-
-from nullbooth.plots import compare_plot
-from nullbooth.report import psnr_db, read_report
+from nullbooth.layout import COMPARE_DIR
+from nullbooth.report.drift import mean_drift
+from nullbooth.report.plots import compare_plot
+from nullbooth.report.schema import read_report
 from nullbooth.storage import RunDir
 
 COLUMNS = [("run", "run"), ("mode", "mode"), ("holdout_prompts", "held-out prompts"),
@@ -30,7 +30,7 @@ def _key(prompt: dict) -> tuple:
 def _row(label: str, report: dict, common: list[tuple]) -> dict[str, Any]:
     by_key = {_key(p): p for p in report["prompts"]}
     held = [by_key[k] for k in common]
-    pixel = float(np.mean([p["pixel_mse"] for p in held])) if held else None
+    drift = mean_drift(held) or {}
     ns = report["null_space"]
     text = image = None
     if ns is not None:
@@ -41,10 +41,8 @@ def _row(label: str, report: dict, common: list[tuple]) -> dict[str, Any]:
                      f"{sum(e['in_features'] for e in ns['layers'].values())}")
     preservation = report["preservation"] or {}
     return {"run": label, "run_dir": report["run_dir"], "mode": preservation.get("mode") or report["projection_mode"],
-            "holdout_prompts": len(held),
-            "drift_latent_mse": float(np.mean([p["latent_mse"] for p in held])) if held else None,
-            "drift_pixel_psnr_db": psnr_db(pixel) if pixel is not None else None,
-            "drift_identical": pixel == 0.0,
+            "holdout_prompts": len(held), "drift_latent_mse": drift.get("latent_mse"),
+            "drift_pixel_psnr_db": drift.get("pixel_psnr_db"), "drift_identical": drift.get("pixel_mse") == 0.0,
             "preservation_overall": preservation.get("overall"), "null_text": text, "null_image": image}
 
 
@@ -69,7 +67,7 @@ def format_table(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buffer.getvalue()
 
 
-def compare(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any]:
+def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any]:
     runs = [RunDir(run_a), RunDir(run_b)]
     reports = [read_report(r) for r in runs]
     names = [r.uri().rstrip("/").rsplit("/", 1)[-1] or r.uri() for r in runs]
@@ -89,7 +87,7 @@ def compare(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any
     plot = compare_plot(preservation, drift if common else {}, f"{labels[0]} vs {labels[1]}",
                         "latent MSE (fine-tuned vs base, same seed)")
 
-    out = RunDir(out_dir) if out_dir else RunDir(runs[0].uri("report/compare"))
+    out = RunDir(out_dir) if out_dir else RunDir(runs[0].uri(COMPARE_DIR))
     note = ("" if common else "\nThe runs share no held-out prompt with the same seeds: drift is not compared.\n")
     page = (f"# Comparison\n\n- A: `{reports[0]['run_dir']}`\n- B: `{reports[1]['run_dir']}`\n\n"
             f"Drift is measured on the {len(common)} held-out preserved prompts both runs sampled with the same "

@@ -15,12 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 from nullbooth.errors import NullBoothError
-from nullbooth.tiny import build_once, tiny_cache_dir
+from nullbooth.models.cache import build_once, cache_dir
 
 SUBJECT_FORMAT_VERSION = 1  # bump when the drawing changes: the cache lives in "subject-v<FORMAT>"
-
-DEMO_INSTANCE_PROMPT = "a photo of sks teapot"
-DEMO_CLASS_PROMPT = "a photo of a teapot"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -148,7 +145,7 @@ def draw_subject_images(out_dir: str | os.PathLike, n: int = 6, size: int = 64) 
 
 def ensure_subject_images() -> Path:
     """The cached directory of demo subject images, drawn on first use."""
-    dest = tiny_cache_dir() / f"subject-v{SUBJECT_FORMAT_VERSION}"
+    dest = cache_dir() / f"subject-v{SUBJECT_FORMAT_VERSION}"
     return build_once(dest, draw_subject_images)
 
 

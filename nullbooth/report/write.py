@@ -1,8 +1,8 @@
 """The run's report: image-level drift, layer-level preservation, null-space dimensions, grids and plots.
 
-Everything goes under `run_dir/report/` through `RunDir` (atomic writes):
+Everything goes under `run_dir/report/` (names in nullbooth.layout) through `RunDir` (atomic writes):
 
-    report/report.json           the numbers, in the layout REPORT_SCHEMA fixes (check_report validates it)
+    report/report.json           the numbers, in the layout report/schema.py fixes (check_report validates it)
     report/report.md             a short page linking every picture below
     report/grid.png              rows = prompts, columns = base / fine-tuned, labelled
     report/plots/drift.png       per-prompt drift (latent MSE), baseline alongside when given
@@ -10,7 +10,7 @@ Everything goes under `run_dir/report/` through `RunDir` (atomic writes):
     report/plots/spectrum.png    eigenvalue spectrum per protected layer (global covariance), τ marked
     report/plots/null_dims.png   null-space dimension per layer and timestep
 
-Sources: the samples (nullbooth.generate), `lora/report.json` from training (optional: null when absent) and
+Sources: the samples (report/generate.py), `lora/report.json` from training (optional: null when absent) and
 `covariance/manifest.json` + `projection/*.safetensors` from the statistics (optional likewise).
 """
 
@@ -24,143 +24,26 @@ import numpy as np
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import (
+    GRID,
+    LATENTS,
+    REPORT_JSON,
+    REPORT_MD,
+    TRAIN_REPORT,
+    plot_file,
+)
 from nullbooth.nullspace import threshold_tau
-from nullbooth.plots import drift_plot, image_grid, null_dims_heatmap, preservation_plot, spectrum_plot
+from nullbooth.report.drift import DRIFT_DEFINITION, drift_metrics, mean_drift
+from nullbooth.report.plan import PromptSamples, seed_rule
+from nullbooth.report.plots import (
+    drift_plot,
+    image_grid,
+    null_dims_heatmap,
+    preservation_plot,
+    spectrum_plot,
+)
+from nullbooth.report.schema import FORMAT_VERSION, check_report, read_report
 from nullbooth.storage import RunDir
-
-FORMAT_VERSION = 1
-REPORT_DIR = "report"
-REPORT_JSON = f"{REPORT_DIR}/report.json"
-REPORT_MD = f"{REPORT_DIR}/report.md"
-TRAIN_REPORT = "lora/report.json"
-
-DRIFT_DEFINITION = (
-    "Fine-tuned against base, same prompt, scheduler, steps, guidance and seed. latent_mse: mean over elements of "
-    "(z_finetuned - z_base)^2 of the final latents before the VAE decode; pixel_mse: the same over uint8 RGB values "
-    "0..255; pixel_psnr_db = 10*log10(255^2 / pixel_mse), null when pixel_mse = 0 (identical images). Per prompt: "
-    "averaged over its images. Means: over the prompts of that kind, the PSNR taken of the mean pixel_mse.")
-
-# -- the schema of report.json -----------------------------------------------------------------------------------
-# A spec is "int", "number", "nonneg" (number ≥ 0), "str", a dict {key: spec} (exactly these keys), or a tuple
-# ("list", spec), ("map", spec) (str keys), ("nullable", spec), ("enum", value, ...).
-_DRIFT_MEAN = {"prompts": "int", "latent_mse": "nonneg", "pixel_mse": "nonneg", "pixel_psnr_db": ("nullable", "number")}
-_LAYER_DIMS = {"in_features": "int", "global": "int", "per_timestep": ("map", "int"), "tau": ("nullable", "number")}
-REPORT_SCHEMA: dict[str, Any] = {
-    "format_version": "int",
-    "run_dir": "str",
-    "created": "str",
-    "model": {"backend": ("enum", "sd", "lcm"), "path": "str"},
-    "sampling": {"scheduler": "str", "num_inference_steps": "int", "guidance_scale": "number", "height": "int",
-                 "width": "int", "seed_rule": "str"},
-    "projection_mode": "str",
-    "lora_scale": "number",
-    "prompts": ("list", {"prompt": "str", "kind": ("enum", "instance", "holdout", "custom"), "seeds": ("list", "int"),
-                         "base": ("list", "str"), "finetuned": ("list", "str"), "latent_mse": "nonneg",
-                         "pixel_mse": "nonneg", "pixel_psnr_db": ("nullable", "number")}),
-    "drift": {"definition": "str", "holdout": ("nullable", _DRIFT_MEAN), "instance": ("nullable", _DRIFT_MEAN)},
-    "preservation": ("nullable", {"source": "str", "mode": ("nullable", "str"), "overall": ("nullable", "nonneg"),
-                                  "max": ("nullable", "nonneg"), "per_layer": ("map", ("nullable", "nonneg")),
-                                  "per_timestep": ("map", ("nullable", "nonneg")), "unprotected": ("list", "str")}),
-    "null_space": ("nullable", {"threshold": {"kind": "str", "value": "number"}, "timesteps": ("list", "int"),
-                                "text": ("nullable", {"layers": ("list", "str"), "in_features": "int", "dim": "int",
-                                                      "tau": ("nullable", "number")}),
-                                "layers": ("map", _LAYER_DIMS)}),
-    "baseline": ("nullable", {"run_dir": "str", "mode": ("nullable", "str"),
-                              "preservation_overall": ("nullable", "nonneg"),
-                              "preservation_per_timestep": ("map", ("nullable", "nonneg")),
-                              "drift_holdout": ("nullable", _DRIFT_MEAN)}),
-    "files": {"grid": "str", "report_md": "str", "latents": "str", "plots": ("map", "str")},
-}
-
-
-def _check(value: Any, spec: Any, path: str) -> None:
-    def fail(expected: str) -> None:
-        raise NullBoothError(f"{path}: expected {expected}, got {type(value).__name__} {value!r:.60}")
-
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if spec == "int":
-        if not (isinstance(value, int) and not isinstance(value, bool)):
-            fail("an integer")
-    elif spec == "number":
-        if not is_number:
-            fail("a finite number")
-    elif spec == "nonneg":
-        if not (is_number and value >= 0):
-            fail("a finite number ≥ 0")
-    elif spec == "str":
-        if not isinstance(value, str):
-            fail("a string")
-    elif isinstance(spec, dict):
-        if not isinstance(value, dict):
-            fail("an object")
-        missing, extra = sorted(set(spec) - set(value)), sorted(set(value) - set(spec))
-        if missing or extra:
-            raise NullBoothError(f"{path}: " + "; ".join(
-                ([f"missing key(s) {', '.join(missing)}"] if missing else [])
-                + ([f"unknown key(s) {', '.join(extra)}"] if extra else [])))
-        for key, sub in spec.items():
-            _check(value[key], sub, f"{path}.{key}")
-    elif spec[0] == "nullable":
-        if value is not None:
-            _check(value, spec[1], path)
-    elif spec[0] == "enum":
-        if value not in spec[1:]:
-            fail("one of " + ", ".join(map(repr, spec[1:])))
-    elif spec[0] == "list":
-        if not isinstance(value, list):
-            fail("a list")
-        for i, item in enumerate(value):
-            _check(item, spec[1], f"{path}[{i}]")
-    elif spec[0] == "map":
-        if not isinstance(value, dict):
-            fail("an object")
-        for key, item in value.items():
-            _check(item, spec[1], f"{path}.{key}")
-
-
-def check_report(report: Any) -> None:
-    """Raise NullBoothError naming the first field of `report` that does not follow REPORT_SCHEMA."""
-    _check(report, REPORT_SCHEMA, "report")
-    if report["format_version"] != FORMAT_VERSION:
-        raise NullBoothError(f"report.format_version: this NullBooth reads {FORMAT_VERSION}, "
-                             f"got {report['format_version']}")
-
-
-def read_report(run: RunDir) -> dict:
-    """A run's validated report.json."""
-    if not run.exists(REPORT_JSON):
-        raise NullBoothError(f"{run.uri(REPORT_JSON)} does not exist: run `nullbooth generate` on that run first")
-    report = run.read_json(REPORT_JSON)
-    try:
-        check_report(report)
-    except NullBoothError as err:
-        raise NullBoothError(f"{run.uri(REPORT_JSON)}: {err}") from None
-    return report
-
-
-# -- drift -------------------------------------------------------------------------------------------------------
-def psnr_db(pixel_mse: float) -> float | None:
-    """PSNR of uint8 images; None for identical images (infinite PSNR, which JSON cannot hold)."""
-    return None if pixel_mse == 0 else 10.0 * math.log10(255.0 ** 2 / pixel_mse)
-
-
-def drift_metrics(base_latents: list[np.ndarray], tuned_latents: list[np.ndarray],
-                  base_images: list[np.ndarray], tuned_images: list[np.ndarray]) -> dict[str, float | None]:
-    """Drift of one prompt's fine-tuned samples against its base samples, averaged over the images."""
-    latent = [float(np.mean((t.astype(np.float64) - b.astype(np.float64)) ** 2))
-              for b, t in zip(base_latents, tuned_latents)]
-    pixel = [float(np.mean((t.astype(np.float64) - b.astype(np.float64)) ** 2))
-             for b, t in zip(base_images, tuned_images)]
-    pixel_mse = float(np.mean(pixel))
-    return {"latent_mse": float(np.mean(latent)), "pixel_mse": pixel_mse, "pixel_psnr_db": psnr_db(pixel_mse)}
-
-
-def mean_drift(entries: list[dict]) -> dict | None:
-    if not entries:
-        return None
-    pixel_mse = float(np.mean([e["pixel_mse"] for e in entries]))
-    return {"prompts": len(entries), "latent_mse": float(np.mean([e["latent_mse"] for e in entries])),
-            "pixel_mse": pixel_mse, "pixel_psnr_db": psnr_db(pixel_mse)}
 
 
 # -- what training and statistics left -----------------------------------------------------------------------------
@@ -229,31 +112,31 @@ def read_baseline(config: Config) -> dict | None:
 
 
 # -- the report ----------------------------------------------------------------------------------------------------
-def write_report(config: Config, run: RunDir, samples: list[dict], baseline: dict | None = None) -> dict[str, Any]:
+def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
+                 baseline: dict | None = None) -> dict[str, Any]:
     """Write report.json, report.md, the grid and the plots; returns {"grid", "report", "report_md", "drift", ...}.
 
-    samples: nullbooth.generate's per-prompt entries (prompt, kind, seeds, images, latents, *_files).
+    samples: one PromptSamples per prompt, its PNG files already written (report/generate.py).
     """
     from nullbooth.stats.store import has_manifest, read_manifest
 
     baseline = baseline if baseline is not None else read_baseline(config)
     prompts = []
     for e in samples:
-        drift = drift_metrics(e["base_latent"], e["finetuned_latent"], e["base"], e["finetuned"])
-        prompts.append({"prompt": e["prompt"], "kind": e["kind"], "seeds": [int(s) for s in e["seeds"]],
-                        "base": list(e["base_files"]), "finetuned": list(e["finetuned_files"]), **drift})
+        drift = drift_metrics(e.base_latents, e.finetuned_latents, e.base, e.finetuned)
+        prompts.append({"prompt": e.prompt, "kind": e.kind, "seeds": [int(s) for s in e.seeds],
+                        "base": list(e.base_files), "finetuned": list(e.finetuned_files), **drift})
     manifest = read_manifest(run) if has_manifest(run) else None
     preservation = read_preservation(run)
-    height, width = samples[0]["base"][0].shape[:2]
-    files: dict[str, Any] = {"grid": f"{REPORT_DIR}/grid.png", "report_md": REPORT_MD,
-                             "latents": "samples/latents.safetensors", "plots": {}}
+    height, width = samples[0].base[0].shape[:2]
+    files: dict[str, Any] = {"grid": GRID, "report_md": REPORT_MD, "latents": LATENTS, "plots": {}}
     report = {
         "format_version": FORMAT_VERSION, "run_dir": run.uri(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"backend": config.model.backend, "path": config.model.path},
         "sampling": {"scheduler": config.sampling.scheduler, "num_inference_steps": config.sampling.num_inference_steps,
                      "guidance_scale": config.sampling.guidance_scale, "height": int(height), "width": int(width),
-                     "seed_rule": f"image i of prompt j: {config.generate.seed} + 1000*j + i"},
+                     "seed_rule": seed_rule(config)},
         "projection_mode": config.projection.mode, "lora_scale": config.generate.lora_scale,
         "prompts": prompts,
         "drift": {"definition": DRIFT_DEFINITION,
@@ -268,11 +151,11 @@ def write_report(config: Config, run: RunDir, samples: list[dict], baseline: dic
                                                            f"({config.projection.mode}, LoRA scale "
                                                            f"{config.generate.lora_scale:g})"))
     for name, data in _plots(config, run, report, manifest, baseline).items():
-        rel = f"{REPORT_DIR}/plots/{name}.png"
+        rel = plot_file(name)
         run.write_bytes(rel, data)
         files["plots"][name] = rel
     check_report(report)
-    from nullbooth.report_md import render_markdown
+    from nullbooth.report.markdown import render_markdown
 
     run.write_bytes(REPORT_MD, render_markdown(report).encode())
     run.write_json(REPORT_JSON, report)  # last: its presence means the report is complete
@@ -341,10 +224,3 @@ def _null_dims_figure(section: dict) -> bytes:
         rows.append([entry["per_timestep"][t] for t in columns[:-1]] + [entry["global"]])
     return null_dims_heatmap(names, columns, np.asarray(rows, dtype=np.float64), widths,
                              "Null-space dimension k per protected layer and timestep")
-
-
-def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any]:
-    """One table (Markdown, CSV, printed) and one plot comparing two generated runs; see nullbooth.compare."""
-    from nullbooth.compare import compare
-
-    return compare(run_a, run_b, out_dir)

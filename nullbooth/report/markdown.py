@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nullbooth.plots import short_layer
+from nullbooth.report.plots import short_layer
 
 
 def _g(value: float | None, fmt: str = ".4g", none: str = "–") -> str:
@@ -35,7 +35,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _preservation(report)
     lines += _null_space(report)
     lines += ["## Files", "",
-              f"- images: [`samples/base/`](../samples/base/), [`samples/finetuned/`](../samples/finetuned/)",
+              "- images: [`samples/base/`](../samples/base/), [`samples/finetuned/`](../samples/finetuned/)",
               f"- final latents (before VAE decode): [`{files['latents']}`]({_rel(files['latents'])})",
               *[f"- plot `{name}`: [{path}]({_rel(path)})" for name, path in files["plots"].items()], ""]
     return "\n".join(lines)

@@ -14,17 +14,15 @@ Layout (what `diffusers.DiffusionPipeline.from_pretrained` reads):
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.tokenizer import MAX_LENGTH, build_tokenizer, train_bpe  # noqa: F401 (train_bpe re-exported)
+from nullbooth.models.cache import build_once, cache_dir, quiet_loading
+from nullbooth.models.tokenizer import MAX_LENGTH, build_tokenizer
 
 # Bump when anything below changes what gets built: cached models live in "<name>-v<FORMAT>".
 TINY_FORMAT_VERSION = 1
@@ -151,12 +149,10 @@ def _check_backend(backend: str) -> None:
 
 def build_tiny_model(out_dir: str | os.PathLike, backend: str = "sd") -> Path:
     """Build the tiny pipeline for `backend` ("sd" or "lcm") and save it in diffusers layout into `out_dir`."""
-    from nullbooth.backends import quiet_loading  # first: it also quiets what importing diffusers prints
-
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline  # noqa: I001
+    quiet_loading()  # before the pipelines' import, and transformers' "Writing model shards" bars are noise here
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     _check_backend(backend)
-    quiet_loading()  # transformers' "Writing model shards" bars would interleave with the project's output
     tokenizer = build_tokenizer()
     cls = LatentConsistencyModelPipeline if backend == "lcm" else StableDiffusionPipeline
     pipe = cls(
@@ -174,47 +170,10 @@ def build_tiny_model(out_dir: str | os.PathLike, backend: str = "sd") -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def tiny_cache_dir() -> Path:
-    """Where built tiny models and the demo subject are cached: $NULLBOOTH_CACHE, else ~/.cache/nullbooth."""
-    env = os.environ.get("NULLBOOTH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nullbooth"
-
-
-def build_once(dest: Path, build: Callable[[Path], object]) -> Path:
-    """Return `dest`, building it with `build(tmp_dir)` first if it does not exist yet.
-
-    The build goes to a temporary directory beside `dest` that is renamed into place, so `dest` is either absent
-    or complete. Several processes (e.g. Ray actors) may race: the first rename wins, the others discard their
-    copy; the builds are deterministic, so which one wins does not matter.
-    """
-    if dest.is_dir():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it 0700; a cache on shared storage must be readable by other accounts
-        try:
-            os.rename(tmp, dest)
-        except OSError as e:
-            # Linux refuses to rename a directory onto a non-empty one: another builder got there first.
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def ensure_tiny_model(name: str) -> Path:
     """Path of the cached tiny model `name` ("tiny" or "tiny-lcm"), building it on first use."""
     if name not in TINY_MODELS:
         raise NullBoothError(f"tiny model: unknown name {name!r}, expected one of {sorted(TINY_MODELS)}")
     backend = TINY_MODELS[name]
-    dest = tiny_cache_dir() / f"{name}-v{TINY_FORMAT_VERSION}"
+    dest = cache_dir() / f"{name}-v{TINY_FORMAT_VERSION}"
     return build_once(dest, lambda tmp: build_tiny_model(tmp, backend))

@@ -13,7 +13,12 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from nullbooth.prompts import DEMO_PROMPTS_FILE, read_prompts
+from nullbooth.prompts import (
+    DEMO_CLASS_PROMPT,
+    DEMO_INSTANCE_PROMPT,
+    DEMO_PROMPTS_FILE,
+    read_prompts,
+)
 
 MAX_LENGTH = 32  # tokenizer model_max_length == text encoder max_position_embeddings
 NUM_MERGES = 1000  # learned BPE merges; vocab = 512 byte symbols + merges + forced merges + 2 specials
@@ -154,9 +159,6 @@ def _force_single_tokens(merges: list[tuple[str, str]], words: Iterable[str]) ->
 
 
 def _demo_words() -> list[str]:
-    # Imported here, not at the top: subject.py imports the cache helpers from this module.
-    from nullbooth.subject import DEMO_CLASS_PROMPT, DEMO_INSTANCE_PROMPT
-
     return sorted(set(DEMO_INSTANCE_PROMPT.split()) | set(DEMO_CLASS_PROMPT.split()))
 
 
@@ -167,8 +169,6 @@ def build_tokenizer(prompts_file: Path = DEMO_PROMPTS_FILE):
     <|startoftext|> and <|endoftext|> (also the pad token, as in SD).
     """
     from transformers import CLIPTokenizer
-
-    from nullbooth.subject import DEMO_CLASS_PROMPT
 
     corpus = [*read_prompts(prompts_file), DEMO_CLASS_PROMPT]
     merges = train_bpe(_corpus_words(corpus), NUM_MERGES)

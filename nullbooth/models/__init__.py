@@ -1,0 +1,2 @@
+"""Models: the SD and LCM backends, where a model comes from (registry, cache), the protected layers, the embedded
+tiny model with its tokenizer, the demo subject, and the Ray Data sampler that every stage samples images with."""

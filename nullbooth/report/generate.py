@@ -1,0 +1,124 @@
+"""Stage 3, `generate(config)`: base and fine-tuned samples of the same prompts, then the report.
+
+    prompts   report/plan.py: the instance-prompt variants and the held-out preserved prompts, one seed rule
+    sampling  one Ray Data actor pool (nullbooth.models.sampler), each actor holding one pipeline with the run's LoRA
+              loaded by stock diffusers `load_lora_weights`; every batch is sampled with the LoRA switched off
+              (base) and on (fine-tuned), so both see identical batches
+    output    run_dir/samples/{base,finetuned}/NN-<prompt>-SEED.png, run_dir/samples/latents.safetensors,
+              then the report (report/write.py) under run_dir/report/
+
+`generate(config, prompt="...")` samples one prompt in-process (no actor pool) and writes one side-by-side image.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from nullbooth.config import Config, with_absolute_paths
+from nullbooth.errors import NullBoothError
+from nullbooth.layout import (
+    LATENTS,
+    LORA_DIR,
+    LORA_FILE,
+    sample_file,
+    single_prompt_file,
+)
+from nullbooth.models.sampler import sample_images
+from nullbooth.report.plan import PromptSamples, plan_prompts, seeds_for, slug
+from nullbooth.report.plots import image_grid, png_bytes
+from nullbooth.storage import RunDir
+
+
+def require_lora(run: RunDir) -> str:
+    """The run's LoRA folder; a NullBoothError when it holds no trained LoRA."""
+    if not run.exists(LORA_FILE):
+        raise NullBoothError(f"{run.uri(LORA_FILE)} does not exist: {run.uri()} has no trained LoRA "
+                             "(run `nullbooth train CONFIG` first)")
+    return run.uri(LORA_DIR)
+
+
+def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
+    """Sample base and fine-tuned images and write the report. Returns the report's summary (paths and drift).
+
+    With `prompt`, samples only that prompt in-process and returns {"prompt", "seeds", "image", "drift"}.
+    """
+    config = with_absolute_paths(config)  # actors run elsewhere than the driver's cwd
+    run = RunDir(config.run_dir)
+    lora_dir = require_lora(run)
+    if prompt is not None:
+        return generate_one(config, run, lora_dir, prompt)
+    from nullbooth.cluster import connect
+    from nullbooth.report.write import read_baseline, write_report
+
+    plan = plan_prompts(config, run)
+    baseline = read_baseline(config)  # a wrong baseline_run fails now, not after sampling
+    connect(config.ray)
+    samples = sample_pairs(config, lora_dir, plan)
+    write_samples(run, samples)
+    summary = write_report(config, run, samples, baseline)
+    print(f"nullbooth generate: {len(samples)} prompts, base and fine-tuned\n"
+          f"  grid:   {summary['grid']}\n  report: {summary['report']}\n  page:   {summary['report_md']}")
+    return summary
+
+
+def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]]) -> list[PromptSamples]:
+    """Base and fine-tuned samples of every planned prompt from one actor pool, grouped per prompt."""
+    rows = [(j, prompt, seed) for j, (prompt, _) in enumerate(plan) for seed in seeds_for(config, j)]
+    g = config.generate
+    results = sample_images(config, [p for _, p, _ in rows], [s for _, _, s in rows], lora_dir=lora_dir,
+                            lora_scale=g.lora_scale, num_workers=g.num_workers, batch_size=g.batch_size,
+                            with_base=True)
+    samples = [PromptSamples(prompt, kind) for prompt, kind in plan]
+    for (j, _, seed), result in zip(rows, results):
+        entry = samples[j]
+        entry.seeds.append(seed)
+        entry.base.append(result["base_image"])
+        entry.finetuned.append(result["image"])
+        entry.base_latents.append(result["base_latent"])
+        entry.finetuned_latents.append(result["latent"])
+    return samples
+
+
+def write_samples(run: RunDir, samples: list[PromptSamples]) -> None:
+    """Every image as a PNG (its run-relative path is recorded in the entry) and all final latents as safetensors."""
+    for j, entry in enumerate(samples):
+        for images, files, which in ((entry.base, entry.base_files, "base"),
+                                     (entry.finetuned, entry.finetuned_files, "finetuned")):
+            files.clear()
+            for seed, image in zip(entry.seeds, images):
+                rel = sample_file(which, j, slug(entry.prompt), seed)
+                run.write_bytes(rel, png_bytes(image))
+                files.append(rel)
+    latents = {"base": torch.from_numpy(np.stack([lat for e in samples for lat in e.base_latents])),
+               "finetuned": torch.from_numpy(np.stack([lat for e in samples for lat in e.finetuned_latents]))}
+    index = [{"prompt": e.prompt, "seed": s} for e in samples for s in e.seeds]
+    run.write_tensors(LATENTS, latents, metadata={"rows": json.dumps(index)})
+
+
+def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str) -> dict[str, Any]:
+    """One prompt, in this process: base first, then the same pipeline with the LoRA, side by side."""
+    from nullbooth.models.backends import get_backend
+    from nullbooth.models.sampler import apply_lora, sample_batch
+    from nullbooth.report.drift import drift_metrics
+
+    if not prompt.strip():
+        raise NullBoothError("--prompt: the prompt is empty")
+    backend = get_backend(config)
+    pipe = backend.load_pipeline(backend.device())
+    seeds = seeds_for(config, 0)
+    base_images, base_latents = sample_batch(config, pipe, [prompt] * len(seeds), seeds)
+    apply_lora(pipe, lora_dir, config.generate.lora_scale)
+    tuned_images, tuned_latents = sample_batch(config, pipe, [prompt] * len(seeds), seeds)
+    drift = drift_metrics(list(base_latents), list(tuned_latents), list(base_images), list(tuned_images))
+    title = f"{prompt!r}, seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"{prompt!r}, seed {seeds[0]}"
+    row = PromptSamples(prompt, "", seeds, list(base_images), list(tuned_images))
+    rel = single_prompt_file(slug(prompt), seeds[0])
+    run.write_bytes(rel, image_grid([row], title=title))
+    psnr = drift["pixel_psnr_db"]
+    print(f"nullbooth generate: {run.uri(rel)}\n  drift: latent MSE {drift['latent_mse']:.4g}, pixel PSNR "
+          + ("inf (identical)" if psnr is None else f"{psnr:.2f} dB"))
+    return {"prompt": prompt, "seeds": seeds, "image": run.uri(rel), "drift": drift}
