@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import CPU_RESOLUTION, machine, row, sd15_model_dir  # noqa: E402
 from nullbooth.config import load_config  # noqa: E402
+from nullbooth.prompts import preserved_prompts  # noqa: E402
 from nullbooth.stats.collector import Collector  # noqa: E402
 from nullbooth.stats.dealer import Dealer, make_batches  # noqa: E402
 from nullbooth.stats.reduce import add_states, tree_reduce  # noqa: E402
-from nullbooth.stats.store import preserved_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024

@@ -53,8 +53,8 @@ def collector_throughput(model_path: str, resolution: int, steps: int, batch: in
     import ray
 
     from nullbooth.config import load_config
+    from nullbooth.prompts import preserved_prompts
     from nullbooth.stats.collector import Collector
-    from nullbooth.stats.store import preserved_prompts
 
     config = load_config(ROOT / "configs" / "sd15.yaml", [
         f"model.path={model_path}", f"model.dtype={dtype}", "run_dir=/tmp/nullbooth-bench-gpu",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 
 # Shipped with the package (see pyproject's package-data), used by the demo configs.
@@ -47,3 +48,15 @@ def resolve_prompts_file(value: str) -> Path:
     if not path.is_file():
         raise NullBoothError(f"prompts file {value!r}: no such file (use 'demo' for the shipped prompt list)")
     return path
+
+
+def preserved_prompts(config: Config) -> tuple[list[str], list[str]]:
+    """(prompts measured, prompts held out): the file's first `max_prompts`, the last `holdout` of them held out."""
+    path = resolve_prompts_file(config.preserve.prompts_file)
+    prompts = read_prompts(path, config.preserve.max_prompts)
+    holdout = config.preserve.holdout
+    kept, held = (prompts[:-holdout], prompts[-holdout:]) if holdout else (prompts, [])
+    if not kept:
+        raise NullBoothError(f"preserve.holdout: holding out {holdout} of the {len(prompts)} prompts of {str(path)!r} "
+                             "leaves none for the statistics; lower preserve.holdout or add prompts")
+    return kept, held

@@ -24,7 +24,7 @@ from nullbooth.layout import MANIFEST, projection_file
 from nullbooth.models.layers import find_protected_layers, layer_table
 from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import null_space
-from nullbooth.stats.store import FORMAT_VERSION, validate_manifest
+from nullbooth.stats.manifest import FORMAT_VERSION, Manifest
 from nullbooth.storage import RunDir
 
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
@@ -88,7 +88,7 @@ def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: li
             null_dims["global"] = dims
         else:
             null_dims["timesteps"][str(which)] = dims
-    manifest = validate_manifest({
+    manifest = Manifest.from_json({
         "format_version": FORMAT_VERSION, "backend": "sd",
         "model": {"path": model_path, "revision": None, "dtype": "float32", "fingerprint": "fake"},
         "scheduler": {"name": "ddim", "class": "DDIMScheduler", "config": {}}, "timesteps": list(timesteps),
@@ -96,7 +96,7 @@ def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: li
         "text_rows": 64, "image_rows": {str(t): {n: 256 for n in image_layers} for t in timesteps},
         "layers": table, "dtype": "float32", "threshold": {"kind": kind, "value": value}, "null_dims": null_dims,
         "spectra": spectra, "config": {}})
-    run.write_json(MANIFEST, manifest)
+    run.write_json(MANIFEST, manifest.to_json())
     return manifest
 
 

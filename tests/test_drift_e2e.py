@@ -46,7 +46,7 @@ def runs(ray_local, tmp_path_factory):
 
 
 def test_global_drifts_less_than_none_on_held_out_prompts(runs):
-    (_, none), (run_dir, glob) = runs["none"], runs["global"]
+    (_, none), (_, glob) = runs["none"], runs["global"]
     for report in (none, glob):
         check_report(report)
     held = lambda r: [(p["prompt"], p["seeds"]) for p in r["prompts"] if p["kind"] == "holdout"]

@@ -12,7 +12,7 @@ from nullbooth.cli import main as cli_main
 from nullbooth.config import load_config
 from nullbooth.pipeline import run_pipeline
 from nullbooth.report.schema import read_report
-from nullbooth.stats import store
+from nullbooth.stats import manifest as manifest_module
 from nullbooth.storage import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,19 +43,19 @@ def lcm_run(tmp_path_factory, ray_local):
 def test_run_writes_every_stage_of_the_lcm_pipeline(lcm_run):
     run_dir, _, result = lcm_run
     run = RunDir(str(run_dir))
-    manifest = store.read_manifest(run)
-    assert manifest["backend"] == "lcm"
-    assert manifest["guidance_scale"] == 8.5 and manifest["timesteps"] == [999, 499]
-    assert len(manifest["prompts"]) == 13 and len(manifest["holdout_prompts"]) == 3
+    manifest = manifest_module.read_manifest(run)
+    assert manifest.backend == "lcm"
+    assert manifest.guidance_scale == 8.5 and manifest.timesteps == [999, 499]
+    assert len(manifest.prompts) == 13 and len(manifest.holdout_prompts) == 3
     # LCM has no unconditional branch: text rows are exactly prompts x model_max_length.
-    assert manifest["text_rows"] == 13 * 32
+    assert manifest.text_rows == 13 * 32
 
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     report = read_report(run)  # validated against the report schema
     assert report["model"] == {"backend": "lcm", "path": "tiny-lcm"}
     assert report["sampling"]["scheduler"] == "lcm" and report["projection_mode"] == "global"
     holdout = [p for p in report["prompts"] if p["kind"] == "holdout"]
-    assert [p["prompt"] for p in holdout] == manifest["holdout_prompts"]
+    assert [p["prompt"] for p in holdout] == manifest.holdout_prompts
     assert report["drift"]["holdout"]["prompts"] == 3
     # The training stage's preservation errors are carried into the report unchanged.
     trained = result["training"]

@@ -73,14 +73,14 @@ def test_report_json_follows_schema_and_carries_its_sources(runs):
     check_report(report)
     # Null-space dimensions are the manifest's.
     ns = report["null_space"]
-    assert ns["text"]["dim"] == manifest["null_dims"]["text"] and ns["timesteps"] == manifest["timesteps"]
+    assert ns["text"]["dim"] == manifest.null_dims["text"] and ns["timesteps"] == manifest.timesteps
     for name, entry in ns["layers"].items():
-        assert entry["global"] == manifest["null_dims"]["global"][name]
-        assert entry["per_timestep"] == {str(t): manifest["null_dims"]["timesteps"][str(t)][name]
-                                         for t in manifest["timesteps"]}
+        assert entry["global"] == manifest.null_dims["global"][name]
+        assert entry["per_timestep"] == {str(t): manifest.null_dims["timesteps"][str(t)][name]
+                                         for t in manifest.timesteps}
     assert sorted(ns["layers"]) + sorted(ns["text"]["layers"]) == sorted(
-        [n for n, e in manifest["layers"].items() if e["side"] == "image"]) + sorted(
-        [n for n, e in manifest["layers"].items() if e["side"] == "text"])
+        [n for n, e in manifest.layers.items() if e["side"] == "image"]) + sorted(
+        [n for n, e in manifest.layers.items() if e["side"] == "text"])
     # Preservation errors are training's; the baseline's come from the baseline run.
     p = report["preservation"]
     errors = train["preservation"]

@@ -82,11 +82,12 @@ def tamper(run: RunDir, edit) -> None:
 
 
 def test_the_untampered_run_reads_back(run):
-    from nullbooth.stats.store import load_bases, read_manifest
+    from nullbooth.stats.manifest import read_manifest
+    from nullbooth.stats.store import load_bases
 
     manifest = read_manifest(run)
     bases = load_bases(run, manifest)
-    assert set(bases) == set(manifest["layers"])
+    assert set(bases) == set(manifest.layers)
     for name, basis in bases.items():  # every basis is orthonormal: UᵀU = I
         assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-8), name
 
@@ -106,7 +107,7 @@ def test_the_untampered_run_reads_back(run):
      "field 'image_rows' must count every image-side layer at every timestep"),
 ])
 def test_a_tampered_manifest_is_refused_naming_the_field(run, edit, message):
-    from nullbooth.stats.store import read_manifest
+    from nullbooth.stats.manifest import read_manifest
 
     tamper(run, edit)
     with pytest.raises(NullBoothError) as err:
@@ -115,7 +116,7 @@ def test_a_tampered_manifest_is_refused_naming_the_field(run, edit, message):
 
 
 def test_a_manifest_that_is_not_json_is_refused(run):
-    from nullbooth.stats.store import read_manifest
+    from nullbooth.stats.manifest import read_manifest
 
     run.write_bytes("covariance/manifest.json", pickle.dumps({"format_version": 1}))
     with pytest.raises(NullBoothError, match=r"/covariance/manifest.json is not valid JSON \("):
@@ -149,7 +150,8 @@ class Payload:
 @pytest.mark.parametrize("rel", ["covariance/global.safetensors", "projection/global.safetensors",
                                  "covariance/text.safetensors"])
 def test_a_pickle_under_a_safetensors_name_is_refused_and_never_executed(run, tmp_path, rel):
-    from nullbooth.stats.store import load_bases, load_layer_covariances, read_manifest
+    from nullbooth.stats.manifest import read_manifest
+    from nullbooth.stats.store import load_bases, load_layer_covariances
 
     marker = tmp_path / "unpickled"
     run.write_bytes(rel, pickle.dumps({"cov": Payload(marker)}))
@@ -174,10 +176,11 @@ def test_torch_save_output_and_truncated_files_are_refused(run):
 
 
 def test_a_safetensors_file_with_the_wrong_shapes_is_refused(run):
-    from nullbooth.stats.store import load_layer_covariances, read_manifest
+    from nullbooth.stats.manifest import read_manifest
+    from nullbooth.stats.store import load_layer_covariances
 
     manifest = read_manifest(run)
-    layer, entry = next((n, e) for n, e in manifest["layers"].items() if e["side"] == "image")
+    layer, entry = next((n, e) for n, e in manifest.layers.items() if e["side"] == "image")
     tensors = run.read_tensors("covariance/global.safetensors")
     tensors[layer] = torch.zeros(2, 2)
     run.write_tensors("covariance/global.safetensors", tensors)

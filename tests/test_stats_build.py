@@ -13,6 +13,7 @@ import torch
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.backends import get_backend, model_fingerprint
+from nullbooth.stats import manifest as manifest_module
 from nullbooth.stats import store
 from nullbooth.stats.build import build_covariance
 from nullbooth.stats.hooks import KeyStatistics
@@ -98,11 +99,11 @@ def rel_err(a, b):
 def raw_sums(run_dir):
     """The run's sums n·C and counts, per (timestep, layer) and for the text side."""
     run = RunDir(str(run_dir))
-    manifest = store.read_manifest(run)
-    out = {"text": store.read_covariance(run, "text")["cov"] * manifest["text_rows"]}
-    for t in manifest["timesteps"]:
+    manifest = manifest_module.read_manifest(run)
+    out = {"text": store.read_covariance(run, "text")["cov"] * manifest.text_rows}
+    for t in manifest.timesteps:
         for name, c in store.read_covariance(run, t).items():
-            out[(t, name)] = c * manifest["image_rows"][str(t)][name]
+            out[(t, name)] = c * manifest.image_rows[str(t)][name]
     return manifest, out
 
 
@@ -123,16 +124,16 @@ def ref(base):
 def test_distributed_equals_single_process_reference(base, ref):
     _, run_dir, summary = base
     manifest, sums = raw_sums(run_dir)
-    assert manifest["timesteps"] == ref["plan"]
-    assert manifest["model"]["fingerprint"] == ref["fingerprint"]
-    assert manifest["text_rows"] == ref["text_rows"] == 12 * 32 * 2  # prompts × tokens × (cond + negative)
+    assert manifest.timesteps == ref["plan"]
+    assert manifest.model["fingerprint"] == ref["fingerprint"]
+    assert manifest.text_rows == ref["text_rows"] == 12 * 32 * 2  # prompts × tokens × (cond + negative)
     assert rel_err(sums["text"], ref["text_sum"]) < 1e-12
-    image_layers = {n for n, e in manifest["layers"].items() if e["side"] == "image"}
+    image_layers = {n for n, e in manifest.layers.items() if e["side"] == "image"}
     assert set(ref["sums"]) == set(ref["plan"])
     for t in ref["plan"]:
         assert set(ref["sums"][t]) == image_layers
         for name in image_layers:
-            assert manifest["image_rows"][str(t)][name] == ref["rows"][t][name]
+            assert manifest.image_rows[str(t)][name] == ref["rows"][t][name]
             assert rel_err(sums[(t, name)], ref["sums"][t][name]) < 1e-12, (t, name)
     # The global covariance is the mean over timesteps of the per-timestep means.
     glob = store.read_covariance(RunDir(str(run_dir)), "global")
@@ -186,10 +187,10 @@ def test_actor_failure_gives_the_same_sums_and_counts(base, failed_and_forced):
 
 def test_force_overwrites_a_different_run_completely(failed_and_forced):
     copy, _ = failed_and_forced
-    manifest = store.read_manifest(RunDir(str(copy)))
-    assert manifest["threshold"] == {"kind": "energy", "value": 1e-4}
+    manifest = manifest_module.read_manifest(RunDir(str(copy)))
+    assert manifest.threshold == {"kind": "energy", "value": 1e-4}
     assert not (copy / "covariance" / "t0999.safetensors").exists()
-    expected = {f"t{t:04d}.safetensors" for t in manifest["timesteps"]} | {"text.safetensors", "global.safetensors"}
+    expected = {f"t{t:04d}.safetensors" for t in manifest.timesteps} | {"text.safetensors", "global.safetensors"}
     assert {p.name for p in (copy / "covariance").iterdir()} == expected | {"manifest.json"}
     assert {p.name for p in (copy / "projection").iterdir()} == expected
 
@@ -234,26 +235,26 @@ def test_a_matching_run_with_a_lost_file_is_rebuilt(base, tmp_path):
     m1, rebuilt = raw_sums(copy)
     m2, original = raw_sums(run_dir)
     assert m1["null_dims"] == m2["null_dims"] and all(rel_err(rebuilt[k], original[k]) < 1e-12 for k in original)
-    assert store.missing_files(RunDir(str(copy)), m1) == []
+    assert manifest_module.missing_files(RunDir(str(copy)), m1) == []
 
 
 def test_bases_and_covariances_for_every_protected_layer(base, ref):
     _, run_dir, _ = base
     run = RunDir(str(run_dir))
-    manifest = store.read_manifest(run)
+    manifest = manifest_module.read_manifest(run)
     text_basis = store.read_projection(run, "text")["basis"]
-    for which in ["global", *manifest["timesteps"]]:
+    for which in ["global", *manifest.timesteps]:
         bases = store.load_bases(run, manifest, which)
         covs = store.load_layer_covariances(run, manifest, which)
-        assert set(bases) == set(covs) == set(manifest["layers"])
-        for name, entry in manifest["layers"].items():
+        assert set(bases) == set(covs) == set(manifest.layers)
+        for name, entry in manifest.layers.items():
             d, u, c = entry["in_features"], bases[name], covs[name]
             assert u.dtype == c.dtype == torch.float64 and c.shape == (d, d)
             if entry["side"] == "text":
                 assert torch.equal(u, text_basis.double())
                 assert rel_err(c, ref["text_sum"] / ref["text_rows"]) < 1e-12
             else:
-                dims = manifest["null_dims"]
+                dims = manifest.null_dims
                 k = dims["global"][name] if which == "global" else dims["timesteps"][str(which)][name]
                 assert u.shape == (d, k)
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-10)
@@ -280,7 +281,7 @@ def test_a_tampered_manifest_is_refused(base, tmp_path, tamper, message):
     tamper(manifest)
     path.write_text(json.dumps(manifest))
     with pytest.raises(NullBoothError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        store.read_manifest(RunDir(str(tmp_path)))
+        manifest_module.read_manifest(RunDir(str(tmp_path)))
 
 
 def test_manifest_that_is_not_json_or_lies_about_shapes(base, tmp_path):
@@ -290,13 +291,13 @@ def test_manifest_that_is_not_json_or_lies_about_shapes(base, tmp_path):
     manifest = json.loads(path.read_text())
     path.write_text("{not json")
     with pytest.raises(NullBoothError, match="manifest.json is not valid JSON"):
-        store.read_manifest(RunDir(str(tmp_path / "run")))
+        manifest_module.read_manifest(RunDir(str(tmp_path / "run")))
     name = next(n for n, e in manifest["layers"].items() if e["side"] == "image")
     manifest["null_dims"]["global"][name] += 1
     path.write_text(json.dumps(manifest))
     run = RunDir(str(tmp_path / "run"))
     with pytest.raises(NullBoothError, match=f"tensor '{name}.basis' has shape"):
-        store.load_bases(run, store.read_manifest(run), "global")
+        store.load_bases(run, manifest_module.read_manifest(run), "global")
 
 
 def test_lcm_backend_matches_its_reference(ray_local, tmp_path):
@@ -305,13 +306,13 @@ def test_lcm_backend_matches_its_reference(ray_local, tmp_path):
     build_covariance(config)
     expected = reference(config)
     manifest, sums = raw_sums(tmp_path / "lcm")
-    assert manifest["backend"] == "lcm" and manifest["uses_guidance"] is False
-    assert manifest["scheduler"]["class"] == "LCMScheduler" and manifest["timesteps"] == expected["plan"]
-    assert manifest["text_rows"] == expected["text_rows"] == 6 * 32  # no negative branch
+    assert manifest.backend == "lcm" and manifest.uses_guidance is False
+    assert manifest.scheduler["class"] == "LCMScheduler" and manifest.timesteps == expected["plan"]
+    assert manifest.text_rows == expected["text_rows"] == 6 * 32  # no negative branch
     assert rel_err(sums["text"], expected["text_sum"]) < 1e-12
     for t in expected["plan"]:
         for name, s in expected["sums"][t].items():
-            assert manifest["image_rows"][str(t)][name] == expected["rows"][t][name]
+            assert manifest.image_rows[str(t)][name] == expected["rows"][t][name]
             assert rel_err(sums[(t, name)], s) < 1e-12
 
 
@@ -344,11 +345,11 @@ def test_some_empty_null_spaces_are_warnings(ray_local, tmp_path):
                          "projection.threshold.kind=absolute", "projection.threshold.value=1e-6")
     summary = build_covariance(config)
     run = RunDir(str(tmp_path / "run"))
-    manifest = store.read_manifest(run)
+    manifest = manifest_module.read_manifest(run)
     covs = store.load_layer_covariances(run, manifest, "global")
-    empty = sorted(n for n, k in manifest["null_dims"]["global"].items() if k == 0)
-    assert 0 < len(empty) < len(manifest["layers"])  # the case this test is about: some, not all
-    for name in manifest["layers"]:
+    empty = sorted(n for n, k in manifest.null_dims["global"].items() if k == 0)
+    assert 0 < len(empty) < len(manifest.layers)  # the case this test is about: some, not all
+    for name in manifest.layers:
         smallest = float(torch.linalg.eigvalsh(covs[name]).min())
         assert (name in empty) == (smallest > 1e-6), name  # empty exactly where every eigenvalue exceeds τ
     warned = sorted(w.split(":")[0] for w in summary["warnings"] if "empty null space" in w)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nullbooth.report.schema import read_report
+from nullbooth.stats import manifest as manifest_module
 from nullbooth.stats import store
 from nullbooth.storage import RunDir
 
@@ -136,21 +137,21 @@ def test_ray_job_submit_builds_the_run_then_only_our_head_stops(tmp_path):
         assert s.connect_ex(("127.0.0.1", head["gcs_port"])) != 0
 
     run = RunDir(str(run_dir))
-    manifest = store.read_manifest(run)
+    manifest = manifest_module.read_manifest(run)
     demo = [p for p in (ROOT / "nullbooth" / "data" / "preserve_prompts.txt").read_text().splitlines()
             if p.strip() and not p.startswith("#")][:8]
-    assert manifest["prompts"] == demo[:6] and manifest["holdout_prompts"] == demo[6:]
-    assert manifest["text_rows"] == 6 * 32 * 2
-    assert manifest["collection"]["num_workers"] == 2 and manifest["collection"]["batches"] == 2
+    assert manifest.prompts == demo[:6] and manifest.holdout_prompts == demo[6:]
+    assert manifest.text_rows == 6 * 32 * 2
+    assert manifest.collection["num_workers"] == 2 and manifest.collection["batches"] == 2
     bases = store.load_bases(run, manifest, "global")
-    assert set(bases) == set(manifest["layers"])
-    expected = {f"t{t:04d}.safetensors" for t in manifest["timesteps"]} | {"text.safetensors", "global.safetensors"}
+    assert set(bases) == set(manifest.layers)
+    expected = {f"t{t:04d}.safetensors" for t in manifest.timesteps} | {"text.safetensors", "global.safetensors"}
     assert {p.name for p in (run_dir / "projection").iterdir()} == expected
 
     # The pipeline job reused the statistics untouched, then trained and reported on them.
     assert "reused complete run" in pipeline_output
     assert (run_dir / "covariance" / "manifest.json").read_bytes() == manifest_bytes
     report = read_report(run)
-    assert [p["prompt"] for p in report["prompts"] if p["kind"] == "holdout"] == manifest["holdout_prompts"]
+    assert [p["prompt"] for p in report["prompts"] if p["kind"] == "holdout"] == manifest.holdout_prompts
     assert report["preservation"]["mode"] == "global"
     assert str(run_dir / "report" / "grid.png") in pipeline_output

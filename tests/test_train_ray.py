@@ -18,7 +18,8 @@ from nullbooth.models.backends import get_backend
 from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import preservation_error, threshold_tau
 from nullbooth.stats.build import build_covariance
-from nullbooth.stats.store import load_layer_covariances, read_manifest
+from nullbooth.stats.manifest import read_manifest
+from nullbooth.stats.store import load_layer_covariances
 from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import load_training_state
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
@@ -79,8 +80,8 @@ def test_global_update_is_in_the_null_space_and_obeys_the_bound(sd_stats, global
     unet = base_unet("tiny")
     report = summary["report"]
     assert report["mode"] == "global" and report["step"] == 6 and report["unprotected"] == []
-    assert sorted(lora) == sorted(manifest["layers"]) == sorted(report["protected"])
-    kind, value = manifest["threshold"]["kind"], manifest["threshold"]["value"]
+    assert sorted(lora) == sorted(manifest.layers) == sorted(report["protected"])
+    kind, value = manifest.threshold["kind"], manifest.threshold["value"]
     for name, (up, down) in lora.items():
         dw = (up.double() @ down.double())  # alpha == rank: scale 1
         cov = covs[name]
@@ -94,7 +95,7 @@ def test_global_update_is_in_the_null_space_and_obeys_the_bound(sd_stats, global
         bound = float(torch.sqrt(lam[lam <= tau].max() * dw.norm() ** 2 / torch.einsum("ij,jk,ik->", weight, cov, weight)))
         assert error <= bound * (1 + 1e-3) + 1e-9, name
         assert report["preservation"]["per_layer"][name] == pytest.approx(error, rel=1e-3, abs=1e-9)
-    assert set(report["preservation"]["per_timestep"]) == {str(t) for t in manifest["timesteps"]}
+    assert set(report["preservation"]["per_timestep"]) == {str(t) for t in manifest.timesteps}
 
 
 def test_global_training_lowers_the_loss(global_run):
@@ -113,7 +114,7 @@ def test_none_mode_moves_preserved_outputs_ten_times_more(sd_stats, global_run):
 def restored_worker(config, checkpoint_dir) -> Worker:
     """The trained model, rebuilt in this process from a checkpoint (raw parameters + the same projection)."""
     manifest = read_manifest(RunDir(config.run_dir))
-    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest["layers"].items()})
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
     images = stack_images([img for _, img in open_instance_images("demo")], 32)
     worker = Worker(config, plan, images, None, measure=False)
     state = load_training_state(checkpoint_dir)

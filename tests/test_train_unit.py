@@ -18,12 +18,8 @@ from nullbooth.errors import NullBoothError
 from nullbooth.models.layers import find_protected_layers, key_side
 from nullbooth.models.subject import draw_subject_image
 from nullbooth.nullspace import null_space, preservation_error
-from nullbooth.stats.store import (
-    FORMAT_VERSION,
-    load_bases,
-    read_manifest,
-    validate_manifest,
-)
+from nullbooth.stats.manifest import FORMAT_VERSION, Manifest, read_manifest
+from nullbooth.stats.store import load_bases
 from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import load_training_state, save_training_state
 from nullbooth.train.data import open_instance_images, stack_images, take
@@ -89,7 +85,7 @@ def fake_run(tmp_path_factory, tiny_unet):
                 "text_rows": 1000, "image_rows": {str(t): {n: 100 for n in image} for t in TIMESTEPS},
                 "layers": {n: {"in_features": d, "side": key_side(n)} for n, d in layers.items()}, "dtype": "float64",
                 "threshold": {"kind": "relative", "value": 1e-3}, "null_dims": dims, "config": {}}
-    run.write_json("covariance/manifest.json", validate_manifest(manifest))
+    run.write_json("covariance/manifest.json", Manifest.from_json(manifest).to_json())
     return run_dir
 
 
@@ -106,7 +102,7 @@ def make_config(run_dir, *overrides):
 def make_worker(run_dir, images, *overrides):
     config = make_config(run_dir, *overrides)
     manifest = read_manifest(RunDir(run_dir))
-    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest["layers"].items()})
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
     torch.set_num_threads(1)
     return Worker(config, plan, images, None), manifest
 
@@ -268,17 +264,17 @@ def test_data_order_visits_every_image_once_per_epoch():
 
 def test_projection_plan_refuses_unprotected_targets_without_opt_in(fake_run):
     manifest = read_manifest(RunDir(fake_run))
-    targets = {n: e["in_features"] for n, e in manifest["layers"].items()}
+    targets = {n: e["in_features"] for n, e in manifest.layers.items()}
     targets["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] = 32
     with pytest.raises(NullBoothError, match=r"train.target_modules: 1 LoRA target\(s\) have no null-space basis .*"
                                              r"attn1.to_q\); .*projection.allow_unprotected: true"):
         plan_projection(make_config(fake_run), manifest, targets)
     plan = plan_projection(make_config(fake_run, "projection.allow_unprotected=true"), manifest, targets)
     assert plan.unprotected == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    assert plan.protected == list(manifest["layers"])
+    assert plan.protected == list(manifest.layers)
     none = plan_projection(make_config(fake_run, "projection.mode=none"), manifest, targets)
     assert none.unprotected == plan.unprotected  # plain LoRA needs no opt-in
-    wrong = dict(targets, **{next(iter(manifest["layers"])): 999})
+    wrong = dict(targets, **{next(iter(manifest.layers)): 999})
     with pytest.raises(NullBoothError, match="in_features 32 in the run but 999 in the model"):
         plan_projection(make_config(fake_run), manifest, wrong)
     with pytest.raises(NullBoothError, match=r"projection.mode 'global' needs the statistics"):

@@ -56,7 +56,8 @@ def instance_variants(instance_prompt: str) -> list[str]:
 
 def holdout_prompts(config: Config, run: RunDir) -> list[str]:
     """The preserved prompts the statistics held out: the manifest's list, or the config's rule without one."""
-    from nullbooth.stats.store import has_manifest, preserved_prompts, read_manifest
+    from nullbooth.prompts import preserved_prompts
+    from nullbooth.stats.manifest import has_manifest, read_manifest
 
     if has_manifest(run):
         return list(read_manifest(run).holdout_prompts)

@@ -43,6 +43,7 @@ from nullbooth.report.plots import (
     spectrum_plot,
 )
 from nullbooth.report.schema import FORMAT_VERSION, check_report, read_report
+from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir
 
 
@@ -74,21 +75,20 @@ def read_preservation(run: RunDir) -> dict | None:
             "per_timestep": per_t, "unprotected": [str(n) for n in raw.get("unprotected") or []]}
 
 
-def null_space_section(run: RunDir, manifest: dict | None) -> dict | None:
+def null_space_section(manifest: Manifest | None) -> dict | None:
     """Null-space dimensions (and global τ) per protected layer from the manifest; None without statistics."""
     if manifest is None:
         return None
-    dims, spectra = manifest["null_dims"], manifest.get("spectra", {})
-    text_layers = [n for n, e in manifest["layers"].items() if e["side"] == "text"]
+    spectra, text_layers = manifest.spectra, manifest.text_layers
     text = None
     if text_layers:
-        text = {"layers": text_layers, "in_features": manifest["layers"][text_layers[0]]["in_features"],
-                "dim": dims["text"], "tau": _finite(spectra.get("text", {}).get("tau"))}
-    layers = {name: {"in_features": e["in_features"], "global": dims["global"][name],
-                     "per_timestep": {str(t): dims["timesteps"][str(t)][name] for t in manifest["timesteps"]},
+        text = {"layers": text_layers, "in_features": manifest.in_features(text_layers[0]),
+                "dim": manifest.null_dim(text_layers[0]), "tau": _finite(spectra.get("text", {}).get("tau"))}
+    layers = {name: {"in_features": manifest.in_features(name), "global": manifest.null_dim(name),
+                     "per_timestep": {str(t): manifest.null_dim(name, t) for t in manifest.timesteps},
                      "tau": _finite(spectra.get("global", {}).get(name, {}).get("tau"))}
-              for name, e in manifest["layers"].items() if e["side"] == "image"}
-    return {"threshold": dict(manifest["threshold"]), "timesteps": list(manifest["timesteps"]), "text": text,
+              for name in manifest.image_layers}
+    return {"threshold": dict(manifest.threshold), "timesteps": list(manifest.timesteps), "text": text,
             "layers": layers}
 
 
@@ -118,7 +118,7 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
 
     samples: one PromptSamples per prompt, its PNG files already written (report/generate.py).
     """
-    from nullbooth.stats.store import has_manifest, read_manifest
+    from nullbooth.stats.manifest import has_manifest, read_manifest
 
     baseline = baseline if baseline is not None else read_baseline(config)
     prompts = []
@@ -143,7 +143,7 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
                   "holdout": mean_drift([p for p in prompts if p["kind"] == "holdout"]),
                   "instance": mean_drift([p for p in prompts if p["kind"] == "instance"])},
         "preservation": preservation,
-        "null_space": null_space_section(run, manifest),
+        "null_space": null_space_section(manifest),
         "baseline": {k: v for k, v in baseline.items() if not k.startswith("_")} if baseline else None,
         "files": files,
     }
@@ -165,7 +165,8 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
             "drift_instance": report["drift"]["instance"]}
 
 
-def _plots(config: Config, run: RunDir, report: dict, manifest: dict | None, baseline: dict | None) -> dict[str, bytes]:
+def _plots(config: Config, run: RunDir, report: dict, manifest: Manifest | None,
+           baseline: dict | None) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     label = f"this run ({config.projection.mode})"
     series = {label: [(p["prompt"], p["kind"], p["latent_mse"]) for p in report["prompts"]]}
@@ -187,27 +188,26 @@ def _plots(config: Config, run: RunDir, report: dict, manifest: dict | None, bas
         out["preservation"] = preservation_plot(preservation, "Preservation error per timestep (from training)")
     if manifest is not None:
         out["spectrum"] = spectrum_plot(_spectra(run, manifest), "Key covariance spectra (global), per protected "
-                                        f"layer; threshold {manifest['threshold']['kind']}="
-                                        f"{manifest['threshold']['value']:g}")
+                                        f"layer; threshold {manifest.threshold['kind']}="
+                                        f"{manifest.threshold['value']:g}")
         out["null_dims"] = _null_dims_figure(report["null_space"])
     return out
 
 
-def _spectra(run: RunDir, manifest: dict) -> dict[str, dict]:
+def _spectra(run: RunDir, manifest: Manifest) -> dict[str, dict]:
     from nullbooth.stats.store import read_projection
 
-    kind, value = manifest["threshold"]["kind"], manifest["threshold"]["value"]
+    kind, value = manifest.threshold["kind"], manifest.threshold["value"]
     spectra: dict[str, dict] = {}
-    if any(e["side"] == "text" for e in manifest["layers"].values()):
+    if manifest.text_layers:
         eig = read_projection(run, "text")["eigenvalues"]
         spectra["text keys (to_k, to_v)"] = {"eigenvalues": eig.numpy(), "tau": threshold_tau(eig, kind, value),
-                                             "null_dim": manifest["null_dims"]["text"]}
+                                             "null_dim": manifest.null_dim(manifest.text_layers[0])}
     image = read_projection(run, "global")
-    for name, entry in manifest["layers"].items():
-        if entry["side"] == "image":
-            eig = image[f"{name}.eigenvalues"]
-            spectra[name] = {"eigenvalues": eig.numpy(), "tau": threshold_tau(eig, kind, value),
-                             "null_dim": manifest["null_dims"]["global"][name]}
+    for name in manifest.image_layers:
+        eig = image[f"{name}.eigenvalues"]
+        spectra[name] = {"eigenvalues": eig.numpy(), "tau": threshold_tau(eig, kind, value),
+                         "null_dim": manifest.null_dim(name)}
     return spectra
 
 

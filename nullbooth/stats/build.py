@@ -33,21 +33,21 @@ from nullbooth.layout import MANIFEST, covariance_file, projection_file
 from nullbooth.layout import PROJECTION_DIR as PROJECTION_DIR
 from nullbooth.models.backends import get_backend
 from nullbooth.models.layers import find_protected_layers
+from nullbooth.prompts import preserved_prompts
 from nullbooth.stats.dealer import Dealer, make_batches
 from nullbooth.stats.hooks import state_means
-from nullbooth.stats.reduce import tree_reduce
-from nullbooth.stats.spectrum import Spectrum, submit_groups
-from nullbooth.stats.store import (
+from nullbooth.stats.manifest import (
     FORMAT_VERSION,
-    STORED_DTYPES,
+    Manifest,
     has_manifest,
     manifest_mismatches,
     missing_files,
-    preserved_prompts,
     read_manifest,
     result_config,
-    validate_manifest,
 )
+from nullbooth.stats.reduce import tree_reduce
+from nullbooth.stats.spectrum import Spectrum, submit_groups
+from nullbooth.stats.store import STORED_DTYPES
 from nullbooth.stats.summary import empty_null_spaces, format_summary, summarize
 from nullbooth.storage import RunDir
 
@@ -82,13 +82,13 @@ def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
         writer = Writer(run)
         try:
             result = _collect_and_decompose(config, dealer, info, writer, len(prompts))
-            manifest = validate_manifest(_manifest(config, info, prompts, holdout, result, dealer, started))
+            manifest = Manifest.from_json(_manifest(config, info, prompts, holdout, result, dealer, started))
             _, empty = empty_null_spaces(manifest)
-            if len(empty) == len(manifest["layers"]):
+            if len(empty) == len(manifest.layers):
                 thr = config.projection.threshold
                 raise NullBoothError(f"projection.threshold: with kind={thr.kind} value={thr.value:g} every protected "
                                      "layer has an empty null space, so no update could be learned; raise the threshold")
-            run.write_json(MANIFEST, manifest)  # last: its presence marks the run complete
+            run.write_json(MANIFEST, manifest.to_json())  # last: its presence marks the run complete
         except BaseException:
             writer.remove_all()
             raise
@@ -111,7 +111,7 @@ def _refusal(run: RunDir, diffs: list[str]) -> str:
             f"pass --force to overwrite it, or choose another run_dir. Differences: " + "; ".join(diffs))
 
 
-def _check_existing(run: RunDir, config: Config, prompts: tuple[list[str], list[str]], force: bool) -> dict | None:
+def _check_existing(run: RunDir, config: Config, prompts: tuple[list[str], list[str]], force: bool) -> Manifest | None:
     """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None."""
     if not has_manifest(run):
         return None

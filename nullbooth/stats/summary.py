@@ -8,39 +8,38 @@ from __future__ import annotations
 
 from typing import Any
 
+from nullbooth.stats.manifest import Manifest
 
-def empty_null_spaces(manifest: dict) -> tuple[list[str], list[str]]:
+
+def empty_null_spaces(manifest: Manifest) -> tuple[list[str], list[str]]:
     """(warnings, protected layers whose global/text null space is empty)."""
-    dims = manifest["null_dims"]
-    empty = [name for name, entry in manifest["layers"].items()
-             if (dims["text"] if entry["side"] == "text" else dims["global"][name]) == 0]
-    warnings = [f"{name}: empty null space (threshold {manifest['threshold']['kind']}="
-                f"{manifest['threshold']['value']:g}); its LoRA update cannot move at all" for name in empty]
-    per_t = [(t, name) for t, layers in dims["timesteps"].items() for name, k in layers.items() if k == 0]
+    empty = [name for name in manifest.layers if manifest.null_dim(name) == 0]
+    threshold = f"{manifest.threshold['kind']}={manifest.threshold['value']:g}"
+    warnings = [f"{name}: empty null space (threshold {threshold}); its LoRA update cannot move at all"
+                for name in empty]
+    per_t = [(t, name) for t in manifest.timesteps for name in manifest.image_layers
+             if manifest.null_dim(name, t) == 0]
     if per_t:
-        warnings.append(f"{len(per_t)} of {sum(len(v) for v in dims['timesteps'].values())} per-timestep image bases "
-                        f"are empty (first: {per_t[0][1]} at t={per_t[0][0]})")
+        warnings.append(f"{len(per_t)} of {len(manifest.timesteps) * len(manifest.image_layers)} per-timestep image "
+                        f"bases are empty (first: {per_t[0][1]} at t={per_t[0][0]})")
     return warnings, empty
 
 
-def summarize(manifest: dict, run_uri: str, reused: bool, **extra: Any) -> dict[str, Any]:
-    dims = manifest["null_dims"]
-    spectra = manifest.get("spectra", {})
+def summarize(manifest: Manifest, run_uri: str, reused: bool, **extra: Any) -> dict[str, Any]:
+    text_layers = set(manifest.text_layers)
     layers = {}
-    for name, entry in manifest["layers"].items():
-        text = entry["side"] == "text"
-        spec = spectra.get("text", {}) if text else spectra.get("global", {}).get(name, {})
-        per_t = [dims["timesteps"][str(t)][name] for t in manifest["timesteps"]] if not text else []
-        layers[name] = {"side": entry["side"], "d": entry["in_features"],
-                        "null_dim": dims["text"] if text else dims["global"][name],
-                        "null_dim_per_timestep": per_t, "eig_min": spec.get("eig_min"),
-                        "eig_max": spec.get("eig_max"), "tau": spec.get("tau")}
+    for name in manifest.layers:
+        text = name in text_layers
+        spec = manifest.spectra.get("text", {}) if text else manifest.spectra.get("global", {}).get(name, {})
+        layers[name] = {"side": "text" if text else "image", "d": manifest.in_features(name),
+                        "null_dim": manifest.null_dim(name),
+                        "null_dim_per_timestep": [] if text else [manifest.null_dim(name, t) for t in manifest.timesteps],
+                        "eig_min": spec.get("eig_min"), "eig_max": spec.get("eig_max"), "tau": spec.get("tau")}
     warnings, _ = empty_null_spaces(manifest)
-    return {"run_dir": run_uri, "reused": reused, "backend": manifest["backend"],
-            "fingerprint": manifest["model"]["fingerprint"], "prompts": len(manifest["prompts"]),
-            "holdout_prompts": len(manifest["holdout_prompts"]), "timesteps": list(manifest["timesteps"]),
-            "text_rows": manifest["text_rows"], "image_rows": manifest["image_rows"], "layers": layers,
-            "warnings": warnings, **manifest.get("collection", {}), **extra}
+    return {"run_dir": run_uri, "reused": reused, "backend": manifest.backend, "fingerprint": manifest.fingerprint,
+            "prompts": len(manifest.prompts), "holdout_prompts": len(manifest.holdout_prompts),
+            "timesteps": list(manifest.timesteps), "text_rows": manifest.text_rows, "image_rows": manifest.image_rows,
+            "layers": layers, "warnings": warnings, **manifest.collection, **extra}
 
 
 def _g(value: float | None) -> str:

@@ -25,6 +25,8 @@ from torch.nn.utils import parametrize
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import MANIFEST
+from nullbooth.stats.manifest import Manifest
 
 ADAPTER = "default"  # PEFT's adapter name for `unet.add_adapter(config)`
 
@@ -46,7 +48,7 @@ class ProjectionPlan:
     has_statistics: bool = True
 
 
-def plan_projection(config: Config, manifest: dict | None, targets: dict[str, int]) -> ProjectionPlan:
+def plan_projection(config: Config, manifest: Manifest | None, targets: dict[str, int]) -> ProjectionPlan:
     """Split the LoRA targets into protected / unprotected against a run's manifest, refusing what cannot work.
 
     `targets`: every UNet linear the LoRA will train -> its in_features. `manifest` is None only in mode `none`
@@ -58,21 +60,19 @@ def plan_projection(config: Config, manifest: dict | None, targets: dict[str, in
             raise NullBoothError(f"projection.mode {mode!r} needs the statistics of {config.run_dir!r}; run "
                                  "`nullbooth build-cov` first (or use projection.mode: none)")
         return ProjectionPlan(mode, dict(targets), [], list(targets), has_statistics=False)
-    layers = manifest["layers"]
-    protected = [name for name in targets if name in layers]
-    unprotected = [name for name in targets if name not in layers]
+    protected = [name for name in targets if name in manifest.layers]
+    unprotected = [name for name in targets if name not in manifest.layers]
     for name in protected:
-        if layers[name]["in_features"] != targets[name]:
-            raise NullBoothError(f"covariance/manifest.json: layer {name} has in_features "
-                                 f"{layers[name]['in_features']} in the run but {targets[name]} in the model")
+        if manifest.in_features(name) != targets[name]:
+            raise NullBoothError(f"{MANIFEST}: layer {name} has in_features "
+                                 f"{manifest.in_features(name)} in the run but {targets[name]} in the model")
     if unprotected and mode != "none" and not config.projection.allow_unprotected:
         shown = ", ".join(unprotected[:3]) + (f" and {len(unprotected) - 3} more" if len(unprotected) > 3 else "")
         raise NullBoothError(f"train.target_modules: {len(unprotected)} LoRA target(s) have no null-space basis in "
                              f"the statistics run ({shown}); add them to covariance.layers and rebuild the "
                              "statistics, or set projection.allow_unprotected: true to train them unconstrained")
-    dims = manifest["null_dims"]
-    null_dims = {name: dims["text"] if layers[name]["side"] == "text" else dims["global"][name] for name in protected}
-    return ProjectionPlan(mode, dict(targets), protected, unprotected, list(manifest["timesteps"]), null_dims)
+    null_dims = {name: manifest.null_dim(name) for name in protected}
+    return ProjectionPlan(mode, dict(targets), protected, unprotected, list(manifest.timesteps), null_dims)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class TimestepBuckets:
 
     def __init__(self, collected: list[int], num_train_timesteps: int):
         if not collected:
-            raise NullBoothError("covariance/manifest.json: the run has no collected timesteps")
+            raise NullBoothError(f"{MANIFEST}: the run has no collected timesteps")
         self.collected = sorted(collected)
         self.num_train_timesteps = num_train_timesteps
         centers = torch.tensor(self.collected, dtype=torch.float64)

@@ -27,6 +27,7 @@ from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError, user_error
 from nullbooth.layout import CHECKPOINT_STATE, MANIFEST, REPORT_NAME, TRAIN_DIR
 from nullbooth.models.backends import get_backend, model_fingerprint
+from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir, is_uri
 from nullbooth.train.checkpoint import signature_mismatches
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
@@ -51,7 +52,7 @@ def train(config: Config) -> dict[str, Any]:
             raise
         raise found from None
     if manifest is not None:
-        from nullbooth.stats.store import manifest_mismatches
+        from nullbooth.stats.manifest import manifest_mismatches
 
         diffs = manifest_mismatches(manifest, config, probe["fingerprint"])
         if diffs:
@@ -82,9 +83,9 @@ def train(config: Config) -> dict[str, Any]:
 # Checks
 
 
-def _read_statistics(config: Config, run: RunDir) -> dict | None:
+def _read_statistics(config: Config, run: RunDir) -> Manifest | None:
     """The run's manifest; None only for projection.mode none without statistics (nothing is measured then)."""
-    from nullbooth.stats.store import has_manifest, read_manifest
+    from nullbooth.stats.manifest import has_manifest, read_manifest
 
     if config.projection.mode == "none" and not has_manifest(run):
         return None
@@ -118,13 +119,13 @@ def _probe(config: Config) -> dict[str, Any]:
             "pixels_per_latent_cell": vae_scale * unet_scale}
 
 
-def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manifest: dict | None,
+def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manifest: Manifest | None,
                        resolution: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (the rest, e.g. max_train_steps or workers, may change)."""
     tc = config.train
     return {"backend": config.model.backend, "model": config.model.path, "fingerprint": probe["fingerprint"],
             "mode": plan.mode, "targets": list(plan.targets), "protected": plan.protected,
-            "threshold": manifest["threshold"] if manifest else None, "rank": tc.rank, "alpha": tc.alpha,
+            "threshold": manifest.threshold if manifest else None, "rank": tc.rank, "alpha": tc.alpha,
             "seed": tc.seed, "learning_rate": tc.learning_rate, "lr_scheduler": tc.lr_scheduler,
             "lr_warmup_steps": tc.lr_warmup_steps, "resolution": resolution, "instance_prompt": tc.instance_prompt,
             "with_prior_preservation": tc.with_prior_preservation}

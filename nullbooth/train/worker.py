@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.backends import get_backend
+from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import (
     TrainingState,
@@ -125,12 +126,12 @@ class Worker:
         _seed_globals(tc.seed, rank)
 
     # -- setup helpers ---------------------------------------------------------------------------------------------
-    def _manifest(self, run: RunDir) -> dict:
-        from nullbooth.stats.store import read_manifest
+    def _manifest(self, run: RunDir) -> Manifest:
+        from nullbooth.stats.manifest import read_manifest
 
         return read_manifest(run)
 
-    def _meter(self, run: RunDir, manifest: dict) -> PreservationMeter:
+    def _meter(self, run: RunDir, manifest: Manifest) -> PreservationMeter:
         from nullbooth.stats.store import load_layer_covariances
 
         names = self.plan.protected
@@ -138,7 +139,7 @@ class Worker:
         weights = {name: modules[name].base_layer.weight for name in names}
         keep = lambda covs: {name: covs[name] for name in names}
         return PreservationMeter(weights, keep(load_layer_covariances(run, manifest, "global")),
-                                 {t: keep(load_layer_covariances(run, manifest, t)) for t in manifest["timesteps"]})
+                                 {t: keep(load_layer_covariances(run, manifest, t)) for t in manifest.timesteps})
 
     @torch.no_grad()
     def _encode_images(self, images: np.ndarray | None, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor] | None:
