@@ -94,21 +94,21 @@ def _train(config: Config, args: argparse.Namespace) -> None:
 
 
 def _generate(config: Config, args: argparse.Namespace) -> None:
-    from nullbooth.report.generate import generate
+    from nullbooth.report.generate import format_summary, generate
 
-    generate(config, prompt=args.prompt)
+    print(format_summary(generate(config, prompt=args.prompt)))
 
 
 def _run(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.pipeline import run_pipeline
 
-    run_pipeline(config, force=args.force)
+    run_pipeline(config, force=args.force, announce=print)
 
 
 def _compare(config: None, args: argparse.Namespace) -> None:
-    from nullbooth.report.compare import compare_runs
+    from nullbooth.report.compare import compare_runs, format_summary
 
-    compare_runs(args.run_a, args.run_b, out_dir=args.out)
+    print(format_summary(compare_runs(args.run_a, args.run_b, out_dir=args.out)))
 
 
 def build_parser() -> argparse.ArgumentParser:

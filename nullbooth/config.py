@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import is_uri
 
 SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "lcm")
 THRESHOLD_KINDS = ("relative", "absolute", "energy", "percentile")
@@ -299,14 +300,10 @@ def validate(config: Config) -> None:
         raise NullBoothError("covariance.layers: at least one protected layer pattern is needed")
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
-    if config.preserve.prompts_file != "demo" and not _is_uri(config.preserve.prompts_file):
+    if config.preserve.prompts_file != "demo" and not is_uri(config.preserve.prompts_file):
         if not Path(config.preserve.prompts_file).is_file():
             raise NullBoothError(f"preserve.prompts_file: file {config.preserve.prompts_file!r} does not exist")
     # train.instance_data_dir is checked by the training stage: the statistics don't need the subject's images.
-
-
-def _is_uri(value: str) -> bool:
-    return "://" in value
 
 
 def _check_constraints(obj: Any, prefix: str) -> None:
@@ -340,7 +337,7 @@ def with_absolute_paths(config: Config) -> Config:
     relative `run_dir` would point somewhere else there. URIs and the "demo" / "tiny" names stay as they are.
     """
     def local(value: str | None, keep: tuple[str, ...] = ()) -> str | None:
-        if value is None or value in keep or _is_uri(value):
+        if value is None or value in keep or is_uri(value):
             return value
         return str(Path(value).expanduser().absolute())
 

@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from nullbooth.errors import NullBoothError
 
+def is_uri(location: str) -> bool:
+    """Whether a run_dir, storage path or file is a cloud URI (s3://, gs://, file://) rather than a local path."""
+    return "://" in location
+
+
 # -- statistics (stage 1) --------------------------------------------------------------------------------------------
 COVARIANCE_DIR = "covariance"
 PROJECTION_DIR = "projection"

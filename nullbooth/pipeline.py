@@ -2,18 +2,24 @@
 
 Each stage reuses what a previous run completed: build-cov keeps a complete run made with the same config, Ray
 Train returns at once for a finished run name (or resumes an interrupted one from its last checkpoint), and the
-generation redraws the report, which is cheap.
+generation redraws the report, which is cheap. Each stage's summary goes to `announce` as soon as the stage is done
+(the CLI passes `print`; a library caller gets them in the log).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 from nullbooth.cluster import connect
 from nullbooth.config import Config
 
+logger = logging.getLogger(__name__)
 
-def run_pipeline(config: Config, force: bool = False) -> dict:
+
+def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], None] = logger.info) -> dict:
+    from nullbooth.report.generate import format_summary as format_generation
     from nullbooth.report.generate import generate
     from nullbooth.stats.build import build_covariance
     from nullbooth.train.run import train
@@ -31,11 +37,12 @@ def run_pipeline(config: Config, force: bool = False) -> dict:
     started = time.perf_counter()
     report = generate(config)
     timings["generation_s"] = time.perf_counter() - started
+    announce(format_generation(report))
 
-    print(f"\nNullBooth run finished in {sum(timings.values()):.0f} s "
-          f"(statistics {timings['statistics_s']:.0f} s, training {timings['training_s']:.0f} s, "
-          f"generation {timings['generation_s']:.0f} s)")
+    lines = [f"\nNullBooth run finished in {sum(timings.values()):.0f} s (statistics {timings['statistics_s']:.0f} s, "
+             f"training {timings['training_s']:.0f} s, generation {timings['generation_s']:.0f} s)"]
     for label, key in (("grid", "grid"), ("report", "report_md"), ("report.json", "report")):
         if report.get(key):
-            print(f"  {label:12s} {report[key]}")
+            lines.append(f"  {label:12s} {report[key]}")
+    announce("\n".join(lines))
     return {"statistics": statistics, "training": training, "generation": report, "timings": timings}

@@ -6,22 +6,31 @@ looks complete. Only safetensors, JSON and text are read back; nothing is ever u
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from nullbooth.errors import NullBoothError
+from nullbooth.layout import is_uri
 
 
-def is_uri(location: str) -> bool:
-    return "://" in location
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """A PIL image or a uint8 (H, W, 3) array encoded as PNG, for `RunDir.write_bytes`."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:

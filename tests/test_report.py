@@ -14,6 +14,7 @@ from PIL import Image
 from run_fixtures import make_lora, write_fake_statistics, write_train_report
 from safetensors.torch import load_file
 
+from nullbooth.cli import main as cli_main
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.sampler import apply_lora, load_sampling_pipeline, sample_batch
@@ -188,6 +189,7 @@ def test_check_report_names_the_first_bad_field(runs):
 
 def test_compare_runs_table_and_plot(runs, tmp_path, capsys):
     glob, none = runs["global"], runs["none"]
+    assert cli_main(["compare", str(glob[0]), str(none[0]), "--out", str(tmp_path / "cmp")]) == 0
     out = compare_runs(str(glob[0]), str(none[0]), out_dir=str(tmp_path / "cmp"))
     rows = out["rows"]
     assert [r["mode"] for r in rows] == ["global", "none"]

@@ -154,7 +154,7 @@ def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir
         fn_constructor_kwargs={"config": config, "lora_dir": lora_dir, "lora_scale": lora_scale,
                                "num_cpus": num_cpus, "has_gpu": num_gpus > 0, "with_base": with_base},
         batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(rows))),
+        concurrency=min(num_workers, len(rows)),  # a callable class: a fixed pool of this many actors
         num_cpus=num_cpus, num_gpus=num_gpus)
     results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
     if [int(r["index"]) for r in results] != list(range(len(rows))):

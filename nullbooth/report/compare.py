@@ -95,6 +95,10 @@ def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str
     out.write_bytes("compare.png", plot)
     out.write_bytes("compare.csv", csv_text.encode())
     out.write_bytes("compare.md", page.encode())
-    print(markdown + f"\ntable: {out.uri('compare.md')}\nplot:  {out.uri('compare.png')}")
-    return {"rows": rows, "markdown": out.uri("compare.md"), "csv": out.uri("compare.csv"),
+    return {"rows": rows, "table": markdown, "markdown": out.uri("compare.md"), "csv": out.uri("compare.csv"),
             "plot": out.uri("compare.png")}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """What `nullbooth compare` prints: the table, then where the page and the plot are."""
+    return summary["table"] + f"\ntable: {summary['markdown']}\nplot:  {summary['plot']}"

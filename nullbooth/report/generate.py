@@ -29,8 +29,8 @@ from nullbooth.layout import (
 )
 from nullbooth.models.sampler import sample_images
 from nullbooth.report.plan import PromptSamples, plan_prompts, seeds_for, slug
-from nullbooth.report.plots import image_grid, png_bytes
-from nullbooth.storage import RunDir
+from nullbooth.report.plots import image_grid
+from nullbooth.storage import RunDir, png_bytes
 
 
 def require_lora(run: RunDir) -> str:
@@ -60,9 +60,18 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     samples = sample_pairs(config, lora_dir, plan)
     write_samples(run, samples)
     summary = write_report(config, run, samples, baseline)
-    print(f"nullbooth generate: {len(samples)} prompts, base and fine-tuned\n"
-          f"  grid:   {summary['grid']}\n  report: {summary['report']}\n  page:   {summary['report_md']}")
+    summary["prompts"] = len(samples)
     return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """What `nullbooth generate` prints: where the pictures and the report are (or the one prompt's image)."""
+    if "image" in summary:
+        psnr = summary["drift"]["pixel_psnr_db"]
+        return (f"nullbooth generate: {summary['image']}\n  drift: latent MSE {summary['drift']['latent_mse']:.4g}, "
+                "pixel PSNR " + ("inf (identical)" if psnr is None else f"{psnr:.2f} dB"))
+    return (f"nullbooth generate: {summary['prompts']} prompts, base and fine-tuned\n"
+            f"  grid:   {summary['grid']}\n  report: {summary['report']}\n  page:   {summary['report_md']}")
 
 
 def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]]) -> list[PromptSamples]:
@@ -118,7 +127,4 @@ def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str) -> dic
     row = PromptSamples(prompt, "", seeds, list(base_images), list(tuned_images))
     rel = single_prompt_file(slug(prompt), seeds[0])
     run.write_bytes(rel, image_grid([row], title=title))
-    psnr = drift["pixel_psnr_db"]
-    print(f"nullbooth generate: {run.uri(rel)}\n  drift: latent MSE {drift['latent_mse']:.4g}, pixel PSNR "
-          + ("inf (identical)" if psnr is None else f"{psnr:.2f} dB"))
     return {"prompt": prompt, "seeds": seeds, "image": run.uri(rel), "drift": drift}

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nullbooth.formatting import number
 from nullbooth.report.plots import short_layer
-
-
-def _g(value: float | None, fmt: str = ".4g", none: str = "–") -> str:
-    return none if value is None else format(value, fmt)
 
 
 def _psnr(value: float | None) -> str:
@@ -71,13 +68,13 @@ def _preservation(report: dict[str, Any]) -> list[str]:
         return lines + ["The run has no `lora/report.json` from training: no layer-level preservation errors.", ""]
     lines += ["Per protected layer `sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ))` on the preserved keys (0: the layer's output "
               "on preserved prompts does not move).", "",
-              f"- mode: {p['mode'] or 'not recorded'}; overall (RMS over layers): **{_g(p['overall'])}**; "
-              f"largest layer: {_g(p['max'])}",
+              f"- mode: {p['mode'] or 'not recorded'}; overall (RMS over layers): **{number(p['overall'])}**; "
+              f"largest layer: {number(p['max'])}",
               f"- unprotected LoRA targets: {', '.join(p['unprotected']) or 'none'}"]
     baseline = report["baseline"]
     if baseline:
         lines.append(f"- baseline `{baseline['run_dir']}` ({baseline['mode']}): overall "
-                     f"{_g(baseline['preservation_overall'])}")
+                     f"{number(baseline['preservation_overall'])}")
     worst = sorted(((v, k) for k, v in p["per_layer"].items() if v is not None), reverse=True)[:8]
     if worst:
         lines += ["", "| layer (largest errors) | error |", "|---|---:|"]
@@ -99,11 +96,11 @@ def _null_space(report: dict[str, Any]) -> list[str]:
     if ns["text"] is not None:
         t = ns["text"]
         lines.append(f"| text keys ({len(t['layers'])} layers: to_k, to_v) | {t['in_features']} | {t['dim']} | "
-                     f"{t['dim']} (timestep-independent) | {_g(t['tau'])} |")
+                     f"{t['dim']} (timestep-independent) | {number(t['tau'])} |")
     for name, e in ns["layers"].items():
         per_t = list(e["per_timestep"].values())
         span = f"{min(per_t)}..{max(per_t)}" if per_t else "–"
-        lines.append(f"| `{short_layer(name)}` | {e['in_features']} | {e['global']} | {span} | {_g(e['tau'])} |")
+        lines.append(f"| `{short_layer(name)}` | {e['in_features']} | {e['global']} | {span} | {number(e['tau'])} |")
     lines.append("")
     for name, caption in (("spectrum", "eigenvalue spectra with τ"), ("null_dims", "null-space dimension per layer "
                                                                                     "and timestep")):

@@ -12,17 +12,11 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nullbooth.storage import png_bytes
+
 GRID_CELL = 128  # tiny 32x32 samples are upscaled (NEAREST: no invented detail); SD's 512px ones shrunk to 256
 MAX_CELL = 256
 KIND_COLORS = {"instance": "#d95f02", "holdout": "#1b9e77", "custom": "#7570b3"}
-
-
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def short_layer(name: str) -> str:
