@@ -28,7 +28,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.layout import CLASS_DIR, CLASS_INFO
 from nullbooth.layout import class_image_file as class_image_name
 from nullbooth.models.subject import resolve_instance_dir
-from nullbooth.storage import RunDir
+from nullbooth.storage import RunDir, png_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Images
@@ -104,9 +104,7 @@ def ensure_class_images(config: Config) -> list[Image.Image]:
                              [config.train.seed + i for i in missing], num_workers=config.generate.num_workers,
                              batch_size=config.generate.batch_size)
         for i, row in zip(missing, rows):
-            buf = io.BytesIO()
-            Image.fromarray(row["image"]).save(buf, format="PNG")
-            run.write_bytes(class_image_name(i), buf.getvalue())
+            run.write_bytes(class_image_name(i), png_bytes(row["image"]))
     images = []
     for i in range(want):
         try:

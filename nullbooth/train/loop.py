@@ -4,23 +4,25 @@ Every worker builds a `Worker` (the frozen pipeline + LoRA + projection), restor
 Train hands one over (after a worker failure, or when a run is started again with the same storage_path and name),
 wraps the UNet in DDP (gloo on CPU, NCCL on GPU; Ray Train set up the process group) and runs the optimizer steps.
 
-Reporting follows Ray Train V2's rules: every worker calls `ray.train.report` at the same steps (each call is a
-barrier), only rank 0 attaches a checkpoint. Reports happen every `train.metrics_every` steps, every
-`train.checkpoint_every` steps (with a checkpoint) and at the last step (with a checkpoint), not every step: each
-report synchronises the workers with the controller. Per-step losses go to the progress bar and into report.json.
+Reporting follows Ray Train V2's idiom, in one place (`_report`): every worker calls `ray.train.report` at the
+same steps (each call is a barrier), and only rank 0 attaches a checkpoint, built in a temporary directory. Reports
+happen every `train.metrics_every` steps, every `train.checkpoint_every` steps (with a checkpoint) and at the last
+step (with a checkpoint), not every step: each report synchronises the workers with the controller. Per-step
+losses go to the progress bar and into report.json.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nullbooth import telemetry
+from nullbooth.config import TrainConfig
 from nullbooth.layout import (
     FAIL_MARKER,
     LORA_DIR,
@@ -30,97 +32,136 @@ from nullbooth.layout import (
 )
 from nullbooth.models.backends import torch_threads_for
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import load_training_state, save_training_state
+from nullbooth.train.checkpoint import (
+    TrainingState,
+    load_training_state,
+    save_training_state,
+)
+from nullbooth.train.distributed import gather, replica_max_abs_diff
 from nullbooth.train.export import save_lora
+
+log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train entry point. `loop_config`: config, plan, signature, instance/class image ObjectRefs,
-    experiment (storage_path/name, for the test aid's marker)."""
-    import json
-
-    import ray
+    experiment (storage_path/name, for the test aid's marker). Returns rank 0's last report (None elsewhere)."""
     import ray.train
+
+    tc = loop_config["config"].train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch_threads_for(tc.cpus_per_worker)
+    state = _latest_state()
+    if state is not None and state.step >= tc.max_train_steps:
+        return state.report  # a finished run started again: nothing to do, its checkpoint is the result
+    worker = _make_worker(loop_config, state, rank, world)
+    progress = _Progress(tc.max_train_steps, loop_config["plan"].mode, worker.step) if rank == 0 else None
+    window: list[dict[str, float]] = []
+    report = None
+    while worker.step < tc.max_train_steps:
+        window.append(_train_step(worker, loop_config["experiment"], progress))
+        if _reports_at(worker.step, tc):
+            report = _report(worker, _window_metrics(worker.step, window), progress) or report
+            window = []
+    if progress is not None:
+        progress.close()
+    return report
+
+
+def _latest_state() -> TrainingState | None:
+    """The training state of the checkpoint Ray Train hands over (after a worker failure, or a re-run), if any."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_training_state(directory)
+
+
+def _make_worker(loop_config: dict[str, Any], state: TrainingState | None, rank: int, world: int):
+    """This rank's Worker, restored from `state` (or with its initial eval loss measured), its UNet under DDP."""
+    import ray
     import ray.train.torch
 
     from nullbooth.train.worker import Worker
 
-    config, plan = loop_config["config"], loop_config["plan"]
-    tc = config.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch_threads_for(tc.cpus_per_worker)
-
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_training_state(directory)
-        if state.step >= tc.max_train_steps:
-            return state.report  # a finished run started again: nothing to do, its checkpoint is the result
-
-    instance = ray.get(loop_config["instance_images"])
-    klass = ray.get(loop_config["class_images"]) if loop_config["class_images"] is not None else None
-    worker = Worker(config, plan, instance, klass, ray.train.torch.get_device(), rank, world,
+    klass_ref = loop_config["class_images"]
+    worker = Worker(loop_config["config"], loop_config["plan"], ray.get(loop_config["instance_images"]),
+                    ray.get(klass_ref) if klass_ref is not None else None, ray.train.torch.get_device(), rank, world,
                     signature=loop_config["signature"], measure=rank == 0)
     if state is not None:
         worker.restore(state)
+        log.info("rank %d resumes at step %d", rank, state.step)
     elif rank == 0:
         worker.eval_loss_initial = worker.eval_loss()
     worker.model = ray.train.torch.prepare_model(worker.unet, move_to_device=False,
                                                  parallel_strategy="ddp" if world > 1 else None)
+    return worker
 
-    bar = telemetry.progress(tc.max_train_steps, f"train ({plan.mode})", unit="step") if rank == 0 else None
-    if bar is not None and worker.step:
-        bar.update(worker.step)
-    gauges = _Gauges() if rank == 0 else None
-    window: list[dict[str, float]] = []
+
+def _train_step(worker, experiment: str, progress: _Progress | None) -> dict[str, float]:
+    """One optimizer step (and, on rank 0, the progress bar, gauges and validation grid); returns its losses."""
+    tc, step = worker.tc, worker.step + 1
+    _maybe_fail(tc.fail_at_step, step, worker.rank, experiment)
+    started = time.perf_counter()
+    out = worker.train_step()
+    out["step_time"] = time.perf_counter() - started
+    if progress is not None:
+        progress.step(out)
+        if tc.validation_prompts and (step % tc.validation_every == 0 or step == tc.max_train_steps):
+            RunDir(worker.config.run_dir).write_bytes(validation_file(step),
+                                                      worker.validation_grid(tc.validation_prompts))
+    return out
+
+
+def _reports_at(step: int, tc: TrainConfig) -> bool:
+    return step == tc.max_train_steps or step % tc.checkpoint_every == 0 or step % tc.metrics_every == 0
+
+
+def _saves_at(step: int, tc: TrainConfig) -> bool:
+    return step == tc.max_train_steps or step % tc.checkpoint_every == 0
+
+
+def _report(worker, metrics: dict[str, float], progress: _Progress | None) -> dict[str, Any] | None:
+    """Report `metrics` to Ray Train: every rank calls this at the same steps (each report is a barrier), and at
+    save steps rank 0 alone attaches a checkpoint. Returns the checkpoint's report.json content (rank 0 at save
+    steps; None otherwise)."""
+    import ray.train
+
+    step, rank = worker.step, worker.rank
+    save = _saves_at(step, worker.tc)
+    rng = replica_diff = None
+    if save:  # collectives: every rank takes part, rank 0 alone uses the result
+        rng = gather(worker.rng(), worker.world)
+        replica_diff = replica_max_abs_diff(worker.trainable.values(), worker.world)
+    if rank == 0:
+        preservation = worker.preservation()
+        if preservation is not None:
+            metrics.update(_flat_preservation(preservation))
+            progress.preservation(preservation)
     report = None
-    while worker.step < tc.max_train_steps:
-        step = worker.step + 1
-        _maybe_fail(tc.fail_at_step, step, rank, loop_config["experiment"])
-        started = time.perf_counter()
-        out = worker.train_step()
-        out["step_time"] = time.perf_counter() - started
-        window.append(out)
-        if rank == 0:
-            bar.update(1)
-            gauges.step(out)
-            if tc.validation_prompts and (step % tc.validation_every == 0 or step == tc.max_train_steps):
-                RunDir(config.run_dir).write_bytes(validation_file(step),
-                                                   worker.validation_grid(tc.validation_prompts))
-        last = step == tc.max_train_steps
-        save = last or step % tc.checkpoint_every == 0
-        if not (save or last or step % tc.metrics_every == 0):
-            continue
-        metrics = _window_metrics(step, window)
-        window = []
-        if save:
-            rng = gather(worker.rng(), world)  # collectives: every rank takes part
-            replica_diff = replica_max_abs_diff(worker, world)
-        if rank == 0:
-            preservation = worker.preservation()
-            if preservation is not None:
-                metrics.update(_flat_preservation(preservation))
-                gauges.preservation(preservation)
-        if not save:
-            ray.train.report(metrics)
-            continue
-        if rank != 0:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory(prefix="nullbooth-ckpt-") as directory:
-            save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen,
-                                signature=worker.signature, trainable=worker.trainable, optimizer=worker.optimizer,
-                                lr_scheduler=worker.lr_scheduler, rng=rng)
-            save_lora(type(worker.pipe), Path(directory) / LORA_DIR, worker.pairs, worker.lora_config)
-            report = worker.report(replica_diff)
-            (Path(directory) / REPORT_NAME).write_text(json.dumps(report, indent=1))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
-    if bar is not None:
-        bar.close()
-    return report if rank == 0 else None
+    with tempfile.TemporaryDirectory(prefix="nullbooth-ckpt-") as directory:
+        checkpoint = None
+        if save and rank == 0:
+            report = _write_checkpoint(Path(directory), worker, rng, replica_diff)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_dir_name(step) if save else None)
+    return report
+
+
+def _write_checkpoint(directory: Path, worker, rng: list[dict], replica_diff: float) -> dict[str, Any]:
+    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report."""
+    save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,
+                        trainable=worker.trainable, optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler,
+                        rng=rng)
+    save_lora(type(worker.pipe), directory / LORA_DIR, worker.pairs, worker.lora_config)
+    report = worker.report(replica_diff)
+    (directory / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    log.debug("checkpoint of step %d written to %s", worker.step, directory)
+    return report
 
 
 def _window_metrics(step: int, window: list[dict[str, float]]) -> dict[str, float]:
@@ -137,10 +178,13 @@ def _flat_preservation(preservation: dict) -> dict[str, float]:
     return flat
 
 
-class _Gauges:
-    """Ray dashboard metrics of rank 0."""
+class _Progress:
+    """Rank 0's progress bar and Ray dashboard metrics."""
 
-    def __init__(self):
+    def __init__(self, max_train_steps: int, mode: str, done: int):
+        self.bar = telemetry.progress(max_train_steps, f"train ({mode})", unit="step")
+        if done:
+            self.bar.update(done)
         self.loss = telemetry.gauge("train_loss", "training loss (global batch mean)")
         self.lr = telemetry.gauge("train_lr", "learning rate")
         self.step_time = telemetry.gauge("train_step_time_s", "seconds per optimizer step")
@@ -149,6 +193,7 @@ class _Gauges:
                                      tag_keys=("layer",))
 
     def step(self, out: dict[str, float]) -> None:
+        self.bar.update(1)
         self.loss.set(out["loss"])
         self.lr.set(out["lr"])
         self.step_time.set(out["step_time"])
@@ -159,29 +204,8 @@ class _Gauges:
         for name, value in preservation["per_layer"].items():
             self.error.set(value, tags={"layer": name})
 
-
-def gather(obj: Any, world: int) -> list[Any]:
-    """Every rank's `obj`, in rank order (an in-memory collective; nothing is written)."""
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def replica_max_abs_diff(worker, world: int) -> float:
-    """Largest difference between any rank's LoRA parameters and rank 0's (0.0 when DDP keeps them in step)."""
-    if world == 1:
-        return 0.0
-    import torch.distributed as dist
-
-    flat = torch.cat([p.detach().float().reshape(-1) for p in worker.trainable.values()])
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    parts = [torch.empty_like(flat, device=device) for _ in range(world)]
-    dist.all_gather(parts, flat.to(device))
-    return max(float((part - parts[0]).abs().max()) for part in parts)
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _maybe_fail(fail_at_step: int | None, step: int, rank: int, experiment: str) -> None:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ from nullbooth.train.checkpoint import signature_mismatches
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
 from nullbooth.train.export import local_checkpoint_copy, publish
 from nullbooth.train.projection import ProjectionPlan, plan_projection
+
+log = logging.getLogger(__name__)
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def train(config: Config) -> dict[str, Any]:
 
     finished = _finished_checkpoint(experiment, signature, tc.max_train_steps)
     if finished is not None:
+        log.info("%s already reached step %d: re-exporting its checkpoint", experiment, tc.max_train_steps)
         return _summarize(config, run, finished, started, already_finished=True)
 
     instance = stack_images([img for _, img in images], resolution)
@@ -229,7 +233,7 @@ def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_
                "already_finished": already_finished, "mode": report["mode"], "steps": report["step"],
                "final_loss": report["final_loss"], "preservation_error": preservation.get("overall"),
                "resumed_from": report["resumed_from"], "elapsed_s": round(time.time() - started, 2), "report": report}
-    print(format_summary(summary), file=sys.stderr)
+    print(format_summary(summary), file=sys.stderr)  # the stage's result for the user, not a diagnostic: no logger
     return summary
 
 

@@ -16,7 +16,6 @@ and their loss is added with weight `train.prior_loss_weight`.
 from __future__ import annotations
 
 import contextlib
-import io
 import random
 from typing import Any
 
@@ -28,7 +27,7 @@ from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.backends import get_backend
 from nullbooth.stats.manifest import Manifest
-from nullbooth.storage import RunDir
+from nullbooth.storage import RunDir, png_bytes
 from nullbooth.train.checkpoint import (
     TrainingState,
     rng_state,
@@ -36,6 +35,7 @@ from nullbooth.train.checkpoint import (
     signature_mismatches,
 )
 from nullbooth.train.data import StepDraw, _mix, draw_step, to_pixels
+from nullbooth.train.distributed import all_reduce_mean
 from nullbooth.train.preservation import PreservationMeter
 from nullbooth.train.projection import (
     ProjectionPlan,
@@ -55,77 +55,101 @@ class Worker:
     def __init__(self, config: Config, plan: ProjectionPlan, instance_images: np.ndarray,
                  class_images: np.ndarray | None, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  signature: dict[str, Any] | None = None, measure: bool = True):
-        from diffusers import DDPMScheduler
-        from peft import LoraConfig
-
         self.config, self.plan, self.rank, self.world = config, plan, rank, world
-        self.tc = tc = config.train
+        self.tc = config.train
         self.signature = signature or {}
-        self.device = torch.device(device)
-        self.backend = get_backend(config)
-        use_amp = self.device.type == "cuda" and tc.mixed_precision != "no"
-        self.amp_dtype = WEIGHT_DTYPES[tc.mixed_precision] if use_amp else None
-        self.pipe = pipe = self.backend.load_pipeline(self.device, dtype=self.amp_dtype or torch.float32)
-        self.unet = unet = pipe.unet
-        self.weight_dtype = self.amp_dtype or torch.float32  # cached: diffusers' `unet.dtype` walks every parameter
-        for module in (unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
-
-        # Data: VAE posteriors (mean, std) and prompt embeddings, computed once; the text encoder is frozen.
-        self.instance = self._encode_images(instance_images)
-        self.instance_text = self.backend.encode(pipe, [tc.instance_prompt])[0].detach()
-        self.klass = self._encode_images(class_images) if class_images is not None else None
-        self.class_text = (self.backend.encode(pipe, [tc.class_prompt])[0].detach()
-                           if self.klass is not None else None)
-        self.latent_shape = tuple(self.instance[0].shape[1:])
-
-        # LoRA: the same initial weights on every rank and for any worker count (DreamBooth's gaussian init).
-        torch.manual_seed(tc.seed)
-        unet.add_adapter(LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
-                                    init_lora_weights="gaussian", target_modules=list(plan.targets)))
-        self.lora_config = unet.peft_config["default"].to_dict()
-        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        for p in self.trainable.values():
-            p.data = p.data.float()  # LoRA trains in float32 even when the frozen weights are fp16/bf16
-        self.pairs = lora_pairs(unet, list(plan.targets))
-        protected = {name: self.pairs[name] for name in plan.protected}
-        self.buckets = self.projector = None
-        run = RunDir(config.run_dir)
-        manifest = self._manifest(run) if plan.has_statistics else None
-        if plan.mode == "global" and protected:
-            from nullbooth.stats.store import load_bases
-
-            attach_global(protected, load_bases(run, manifest, "global"))
-            self.pairs = lora_pairs(unet, list(plan.targets))  # the parametrized modules
-            self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        elif plan.mode == "timestep" and protected:
-            from nullbooth.stats.store import load_bases
-
-            self.buckets = TimestepBuckets(plan.timesteps, self.num_train_timesteps)
-            self.projector = TimestepProjector(protected, {t: load_bases(run, manifest, t) for t in plan.timesteps})
-        self.meter = self._meter(run, manifest) if measure and manifest is not None and plan.protected else None
-        if tc.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-
-        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.learning_rate)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer=self.optimizer,
-                                          num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_train_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.model: torch.nn.Module = unet  # replaced by its DDP wrapper in a multi-worker run
+        self._setup_model(device)
+        self._setup_lora()
+        self._setup_projection(measure)
+        self._setup_optimizer()
+        self._setup_data(instance_images, class_images)
         self.step = 0
         self.samples_seen = 0
         self.loss_history: list[float] = []
         self.prior_loss_history: list[float] = []
         self.eval_loss_initial: float | None = None
         self.resumed_from: list[int] = []
-        _seed_globals(tc.seed, rank)
+        _seed_globals(self.tc.seed, rank)
 
-    # -- setup helpers ---------------------------------------------------------------------------------------------
+    # -- setup, in the order __init__ runs it ----------------------------------------------------------------------
+    def _setup_model(self, device: torch.device | str) -> None:
+        """The frozen pipeline on the device (fp16/bf16 weights under CUDA mixed precision) and the DDPM noiser."""
+        from diffusers import DDPMScheduler
+
+        tc = self.tc
+        self.device = torch.device(device)
+        self.backend = get_backend(self.config)
+        use_amp = self.device.type == "cuda" and tc.mixed_precision != "no"
+        self.amp_dtype = WEIGHT_DTYPES[tc.mixed_precision] if use_amp else None
+        self.weight_dtype = self.amp_dtype or torch.float32  # cached: diffusers' `unet.dtype` walks every parameter
+        self.pipe = self.backend.load_pipeline(self.device, dtype=self.weight_dtype)
+        self.unet = self.pipe.unet
+        for module in (self.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.model: torch.nn.Module = self.unet  # replaced by its DDP wrapper in a multi-worker run
+
+    def _setup_lora(self) -> None:
+        """The PEFT LoRA on every target: the same initial weights on every rank and for any worker count
+        (DreamBooth's gaussian init, seeded by train.seed)."""
+        from peft import LoraConfig
+
+        tc = self.tc
+        torch.manual_seed(tc.seed)
+        self.unet.add_adapter(LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
+                                         init_lora_weights="gaussian", target_modules=list(self.plan.targets)))
+        self.lora_config = self.unet.peft_config["default"].to_dict()
+        self.trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        for p in self.trainable.values():
+            p.data = p.data.float()  # LoRA trains in float32 even when the frozen weights are fp16/bf16
+        self.pairs = lora_pairs(self.unet, list(self.plan.targets))
+
+    def _setup_projection(self, measure: bool) -> None:
+        """The null-space constraint of the plan's mode on the protected pairs, and the preservation meter."""
+        plan = self.plan
+        protected = {name: self.pairs[name] for name in plan.protected}
+        self.buckets = self.projector = None
+        run = RunDir(self.config.run_dir)
+        manifest = self._manifest(run) if plan.has_statistics else None
+        if plan.mode == "global" and protected:
+            from nullbooth.stats.store import load_bases
+
+            attach_global(protected, load_bases(run, manifest, "global"))
+            self.pairs = lora_pairs(self.unet, list(plan.targets))  # the parametrized modules
+            self.trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        elif plan.mode == "timestep" and protected:
+            from nullbooth.stats.store import load_bases
+
+            self.buckets = TimestepBuckets(plan.timesteps, self.num_train_timesteps)
+            self.projector = TimestepProjector(protected, {t: load_bases(run, manifest, t) for t in plan.timesteps})
+        self.meter = self._meter(run, manifest) if measure and manifest is not None and plan.protected else None
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the trainable LoRA parameters (the parametrized originals in global mode), the LR schedule
+        and, for fp16, the gradient scaler. The UNet is put in training mode (LoRA dropout on)."""
+        from diffusers.optimization import get_scheduler
+
+        tc = self.tc
+        if tc.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=tc.learning_rate)
+        self.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=tc.lr_warmup_steps, num_training_steps=tc.max_train_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def _setup_data(self, instance_images: np.ndarray, class_images: np.ndarray | None) -> None:
+        """VAE posteriors (mean, std) of the images and the prompt embeddings, computed once (VAE and text encoder
+        are frozen); each step then only samples latents from the posteriors."""
+        tc = self.tc
+        self.instance = self._encode_images(instance_images)
+        self.instance_text = self.backend.encode(self.pipe, [tc.instance_prompt])[0].detach()
+        self.klass = self._encode_images(class_images) if class_images is not None else None
+        self.class_text = (self.backend.encode(self.pipe, [tc.class_prompt])[0].detach()
+                           if self.klass is not None else None)
+        self.latent_shape = tuple(self.instance[0].shape[1:])
+
     def _manifest(self, run: RunDir) -> Manifest:
         from nullbooth.stats.manifest import read_manifest
 
@@ -206,11 +230,25 @@ class Worker:
 
     def train_step(self, draw: StepDraw | None = None) -> dict[str, float]:
         """One optimizer step over this rank's share of the global batch; returns the global-mean losses."""
-        tc, step = self.tc, self.step + 1
+        step = self.step + 1
         draw = draw or self.draw(step)
-        per_micro = self.world * tc.train_batch_size
         if self.projector is not None:
-            self.projector.snapshot()
+            self.projector.snapshot()  # timestep mode projects the update A_new - A_old: remember A_old first
+        totals = self._accumulate_gradients(draw)
+        lr = self._apply_update(draw.bucket)
+        totals = all_reduce_mean(totals, self.world)
+        self.step, self.samples_seen = step, self.samples_seen + self.global_batch()
+        self.loss_history.append(float(totals[0] + self.tc.prior_loss_weight * totals[1]))
+        if self.klass is not None:
+            self.prior_loss_history.append(float(totals[1]))
+        return {"loss": self.loss_history[-1], "instance_loss": float(totals[0]), "prior_loss": float(totals[1]),
+                "lr": lr, "bucket": draw.bucket}
+
+    def _accumulate_gradients(self, draw: StepDraw) -> torch.Tensor:
+        """Backward over this rank's micro-batches; DDP all-reduces the gradients on the last one only.
+        Returns this rank's mean (instance loss, prior loss), float64."""
+        tc = self.tc
+        per_micro = self.world * tc.train_batch_size
         totals = torch.zeros(2, dtype=torch.float64)
         for m in range(tc.gradient_accumulation_steps):
             lo = m * per_micro + self.rank * tc.train_batch_size
@@ -221,27 +259,35 @@ class Worker:
                 loss = loss / tc.gradient_accumulation_steps
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             totals += torch.tensor([inst, prior], dtype=torch.float64) / tc.gradient_accumulation_steps
+        return totals
+
+    def _apply_update(self, bucket: int | None) -> float:
+        """Clip, step the optimizer, project (timestep mode), step the LR schedule; returns the LR this step used.
+
+        The order matters:
+        - fp16: `scaler.unscale_` before clipping, so that `max_grad_norm` bounds the true gradient norm and not the
+          loss-scaled one (`scaler.step` then knows the gradients are unscaled and does not divide them again).
+        - the LR is read before `lr_scheduler.step()`, which sets the LR of the NEXT step.
+        - timestep mode: the projection comes right after `optimizer.step()`, because it projects the update that
+          step made (A ← A_old + (A − A_old)·U_t·U_tᵀ, A_old from the snapshot in `train_step`), and before the
+          parameters are read again (the collectives and checkpoint of loop.py, the next forward), so nothing
+          ever sees an unprojected A. Global mode needs nothing here: A enters the forward pass as A·U·Uᵀ.
+        """
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), tc.max_grad_norm)
+        if self.tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.tc.max_grad_norm)
         lr = float(self.lr_scheduler.get_last_lr()[0])
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
         if self.projector is not None:
-            self.projector.project(draw.bucket)
+            self.projector.project(bucket)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = all_reduce_mean(totals, self.world)
-        self.step, self.samples_seen = step, self.samples_seen + self.global_batch()
-        self.loss_history.append(float(totals[0] + tc.prior_loss_weight * totals[1]))
-        if self.klass is not None:
-            self.prior_loss_history.append(float(totals[1]))
-        return {"loss": self.loss_history[-1], "instance_loss": float(totals[0]), "prior_loss": float(totals[1]),
-                "lr": lr, "bucket": draw.bucket}
+        return lr
 
     @torch.no_grad()
     def eval_loss(self, n: int = 4) -> float:
@@ -306,8 +352,6 @@ class Worker:
     @torch.no_grad()
     def validation_grid(self, prompts: list[str]) -> bytes:
         """PNG bytes of one row of images, one per prompt (prompt i sampled with seed sampling.seed + i)."""
-        from PIL import Image
-
         self.unet.eval()
         try:
             cond, uncond = self.backend.encode(self.pipe, list(prompts))
@@ -315,26 +359,8 @@ class Worker:
             images = self.backend.sample(self.pipe, cond, uncond, generators, output_type="np")
         finally:
             self.unet.train()
-        tiles = [Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)) for img in images]
-        w, h = tiles[0].size
-        grid = Image.new("RGB", (w * len(tiles), h))
-        for i, tile in enumerate(tiles):
-            grid.paste(tile, (i * w, 0))
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
-        return buf.getvalue()
-
-
-def all_reduce_mean(values: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean over ranks of a small CPU tensor (identity for one worker)."""
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = values.to(backend_device)
-    dist.all_reduce(t)
-    return (t / world).cpu()
+        tiles = [(np.clip(img, 0, 1) * 255).round().astype(np.uint8) for img in images]
+        return png_bytes(np.concatenate(tiles, axis=1))  # side by side, left to right
 
 
 def _seed_globals(seed: int, rank: int) -> None:
