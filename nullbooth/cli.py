@@ -83,14 +83,16 @@ def _tiny_model(config: None, args: argparse.Namespace) -> None:
 
 def _build_cov(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.stats.build import build_covariance
+    from nullbooth.stats.summary import format_summary
 
-    build_covariance(config, force=args.force)
+    print(format_summary(build_covariance(config, force=args.force)))
 
 
 def _train(config: Config, args: argparse.Namespace) -> None:
-    from nullbooth.train.run import train
+    from nullbooth.train.run import format_summary, train
 
-    train(config)
+    # To stderr, beside Ray Train's own output, as before the refactor.
+    print(format_summary(train(config)), file=sys.stderr)
 
 
 def _generate(config: Config, args: argparse.Namespace) -> None:

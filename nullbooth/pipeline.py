@@ -22,6 +22,8 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     from nullbooth.report.generate import format_summary as format_generation
     from nullbooth.report.generate import generate
     from nullbooth.stats.build import build_covariance
+    from nullbooth.stats.summary import format_summary as format_statistics
+    from nullbooth.train.run import format_summary as format_training
     from nullbooth.train.run import train
 
     connect(config.ray)
@@ -29,10 +31,12 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     started = time.perf_counter()
     statistics = build_covariance(config, force=force)
     timings["statistics_s"] = time.perf_counter() - started
+    announce(format_statistics(statistics))
 
     started = time.perf_counter()
     training = train(config)
     timings["training_s"] = time.perf_counter() - started
+    announce(format_training(training))
 
     started = time.perf_counter()
     report = generate(config)

@@ -13,6 +13,7 @@ import torch
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.backends import get_backend, model_fingerprint
+from nullbooth.prompts import preserved_prompts
 from nullbooth.stats import manifest as manifest_module
 from nullbooth.stats import store
 from nullbooth.stats.build import build_covariance
@@ -35,7 +36,7 @@ def reference(config):
     """Sums computed here, without the package's hooks: text keys straight from the text encoder, image keys from
     forward hooks on the same trajectories (same prompts, batches and seeds, pipeline called directly). Float64
     products; alongside, the package's KeyStatistics with float32 products on the very same forward passes."""
-    kept, _ = store.preserved_prompts(config)
+    kept, _ = preserved_prompts(config)
     backend = get_backend(config)
     pipe = backend.load_pipeline("cpu")
     unet, tok, enc = pipe.unet, pipe.tokenizer, pipe.text_encoder
@@ -128,7 +129,7 @@ def test_distributed_equals_single_process_reference(base, ref):
     assert manifest.model["fingerprint"] == ref["fingerprint"]
     assert manifest.text_rows == ref["text_rows"] == 12 * 32 * 2  # prompts × tokens × (cond + negative)
     assert rel_err(sums["text"], ref["text_sum"]) < 1e-12
-    image_layers = {n for n, e in manifest.layers.items() if e["side"] == "image"}
+    image_layers = set(manifest.image_layers)
     assert set(ref["sums"]) == set(ref["plan"])
     for t in ref["plan"]:
         assert set(ref["sums"][t]) == image_layers
@@ -157,7 +158,7 @@ def test_one_actor_gives_the_same_sums(base, tmp_path):
     build_covariance(make_config(tmp_path / "one", "covariance.num_workers=1"))
     m1, one = raw_sums(tmp_path / "one")
     m2, two = raw_sums(run_dir)
-    assert m1["image_rows"] == m2["image_rows"] and m1["text_rows"] == m2["text_rows"]
+    assert m1.image_rows == m2.image_rows and m1.text_rows == m2.text_rows
     assert one.keys() == two.keys()
     assert all(rel_err(one[k], two[k]) < 1e-12 for k in one)
 
@@ -180,7 +181,7 @@ def test_actor_failure_gives_the_same_sums_and_counts(base, failed_and_forced):
     assert summary["actor_failures"] == 1
     m1, failed = raw_sums(copy)
     m2, clean = raw_sums(base[1])
-    assert m1["text_rows"] == m2["text_rows"] and m1["image_rows"] == m2["image_rows"]
+    assert m1.text_rows == m2.text_rows and m1.image_rows == m2.image_rows
     assert failed.keys() == clean.keys()
     assert all(rel_err(failed[k], clean[k]) < 1e-12 for k in failed)
 
@@ -225,16 +226,17 @@ def test_matching_run_is_reused_and_another_model_refused(base, tmp_path):
         build_covariance(make_config(copy))
 
 
-def test_a_matching_run_with_a_lost_file_is_rebuilt(base, tmp_path):
+def test_a_matching_run_with_a_lost_file_is_rebuilt(base, tmp_path, caplog):
     _, run_dir, _ = base
     copy = tmp_path / "lost"
     shutil.copytree(run_dir, copy)
     (copy / "projection" / "global.safetensors").unlink()
     summary = build_covariance(make_config(copy, "covariance.num_workers=1"))
     assert not summary["reused"]
+    assert "lacks 1 statistics files (e.g. projection/global.safetensors); rebuilding" in caplog.text
     m1, rebuilt = raw_sums(copy)
     m2, original = raw_sums(run_dir)
-    assert m1["null_dims"] == m2["null_dims"] and all(rel_err(rebuilt[k], original[k]) < 1e-12 for k in original)
+    assert m1.null_dims == m2.null_dims and all(rel_err(rebuilt[k], original[k]) < 1e-12 for k in original)
     assert manifest_module.missing_files(RunDir(str(copy)), m1) == []
 
 

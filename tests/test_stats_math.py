@@ -1,5 +1,5 @@
-"""The tree reduction against a plain sum, the eigendecomposition tasks' bases for every threshold kind, and the
-hooks' bookkeeping on a toy UNet."""
+"""The statistics math (stats/moments.py) against independent computations, the tree reduction against a plain sum,
+the eigendecomposition tasks' bases for every threshold kind, and the hooks' bookkeeping on a toy UNet."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,105 @@ import torch
 
 from nullbooth.nullspace import threshold_tau
 from nullbooth.stats.hooks import KeyStatistics
-from nullbooth.stats.reduce import add_states, tree_levels, tree_reduce
+from nullbooth.stats.manifest import split_layers
+from nullbooth.stats.moments import (
+    add_gram,
+    add_states,
+    add_to_timestep_sum,
+    empty_state,
+    gram,
+    image_row_count,
+    state_mean,
+    state_means,
+    text_row_count,
+    timestep_mean,
+    total_rows,
+)
+from nullbooth.stats.reduce import tree_levels, tree_reduce
 from nullbooth.stats.spectrum import decompose, submit_groups
+
+
+# -- stats/moments.py against independent computations ---------------------------------------------------------------
+def einsum_gram(*xs: torch.Tensor) -> np.ndarray:
+    """Σ x xᵀ over every row of every x, by numpy einsum in float64."""
+    flats = [x.double().reshape(-1, x.shape[-1]).numpy() for x in xs]
+    return sum(np.einsum("ni,nj->ij", flat, flat) for flat in flats)
+
+
+def test_gram_is_the_sum_of_row_outer_products():
+    x = torch.randn(2, 5, 7, 4, generator=torch.Generator().manual_seed(0))
+    g64 = gram(x, torch.float64)
+    assert g64.dtype == torch.float64 and g64.shape == (4, 4)
+    np.testing.assert_allclose(g64.numpy(), einsum_gram(x), rtol=1e-13, atol=1e-12)
+    g32 = gram(x, torch.float32)
+    assert g32.dtype == torch.float64  # formed in float32, returned float64
+    np.testing.assert_allclose(g32.numpy(), einsum_gram(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float32, torch.float64])
+def test_add_gram_accumulates_in_place(product_dtype):
+    rng = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(3, 6, 5, generator=rng), torch.randn(11, 5, generator=rng)
+    acc = add_gram(None, x1, product_dtype)
+    np.testing.assert_allclose(acc.numpy(), gram(x1, product_dtype).numpy(), rtol=0, atol=0)
+    same = add_gram(acc, x2, product_dtype)
+    assert same is acc and same.dtype == torch.float64  # in place, still float64
+    tol = 1e-13 if product_dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(same.numpy(), einsum_gram(x1, x2), rtol=tol, atol=tol * 10)
+
+
+def test_row_counts():
+    assert image_row_count(torch.zeros(2, 3, 5, 7)) == 2 * 3 * 5  # every leading index is a row
+    assert image_row_count(torch.zeros(9, 7)) == 9
+    assert text_row_count(torch.zeros(4, 77, 8)) == 4 * 77  # prompts × tokens, padding included
+    assert total_rows({901: {"a": 3, "b": 4}, 1: {"a": 5}}) == 12 and total_rows({}) == 0
+
+
+def state_of(**rows: torch.Tensor) -> dict:
+    """A reduction state built from raw rows, independently of the hooks."""
+    return {"sums": {k: einsum_gram(x) for k, x in rows.items()},
+            "rows": {k: int(np.prod(x.shape[:-1])) for k, x in rows.items()}}
+
+
+def test_sum_of_states_is_the_state_of_the_concatenated_rows():
+    rng = torch.Generator().manual_seed(2)
+    a1, a2, b2 = torch.randn(13, 6, generator=rng), torch.randn(8, 6, generator=rng), torch.randn(5, 3, generator=rng)
+    total = add_states(state_of(a=a1), state_of(a=a2, b=b2))
+    expected = state_of(a=torch.cat([a1, a2]), b=b2)
+    assert total["rows"] == expected["rows"] == {"a": 21, "b": 5}
+    for key in ("a", "b"):
+        np.testing.assert_allclose(total["sums"][key], expected["sums"][key], rtol=1e-13, atol=1e-12)
+    assert add_states(empty_state(), total)["rows"] == total["rows"]
+    np.testing.assert_array_equal(add_states(total, empty_state())["sums"]["a"], total["sums"]["a"])
+
+
+def test_covariance_is_the_mean_second_moment():
+    x = torch.randn(4, 77, 6, generator=torch.Generator().manual_seed(3)).double()
+    state = state_of(text=x)
+    flat = x.reshape(-1, 6).numpy()
+    explicit = np.mean([np.outer(r, r) for r in flat], axis=0)  # C = (1/n) Σ x xᵀ
+    np.testing.assert_allclose(state_mean(state, "text"), explicit, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state_means(state)["text"], explicit, rtol=1e-12, atol=1e-14)
+
+
+def test_global_covariance_is_the_mean_over_timesteps():
+    rng = np.random.default_rng(4)
+    per_t = [{"a": rng.standard_normal((3, 3)), "b": rng.standard_normal((2, 2))} for _ in range(5)]
+    first = {k: v.copy() for k, v in per_t[0].items()}
+    total: dict = {}
+    for covs in per_t:
+        add_to_timestep_sum(total, covs, ["a", "b"])
+    for key, value in first.items():
+        np.testing.assert_array_equal(per_t[0][key], value)  # the inputs are not modified
+    means = timestep_mean(total, len(per_t))
+    for key in ("a", "b"):
+        np.testing.assert_allclose(means[key], np.mean([covs[key] for covs in per_t], axis=0), rtol=1e-14, atol=1e-15)
+
+
+def test_split_layers_keeps_table_order():
+    layers = {"x.attn2.to_q": {"side": "image"}, "x.attn2.to_k": {"side": "text"},
+              "y.attn2.to_out.0": {"side": "image"}, "y.attn2.to_v": {"side": "text"}}
+    assert split_layers(layers) == (["x.attn2.to_k", "y.attn2.to_v"], ["x.attn2.to_q", "y.attn2.to_out.0"])
 
 
 def random_state(seed: int, keys=("a", "b")) -> dict:

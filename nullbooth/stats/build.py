@@ -6,8 +6,9 @@
 2. Connect to Ray, start `covariance.num_workers` collector actors (stats/collector.py) and deal them fixed prompt
    batches (stats/dealer.py), redoing every batch of an actor that dies.
 3. Per timestep, tree-reduce the live actors' sums (stats/reduce.py), write the mean covariances, and queue their
-   eigendecompositions (stats/spectrum.py) in groups of `covariance.eigh_group_size` (layers and timesteps mixed);
-   the global covariance is the mean over timesteps, the text covariance is reduced once.
+   eigendecompositions (stats/decompose.py, stats/spectrum.py) in groups of `covariance.eigh_group_size` (layers
+   and timesteps mixed); the global covariance is the mean over timesteps, the text covariance is reduced once.
+   The math of every step is in stats/moments.py; this module only orchestrates.
 4. Release the actors, collect the bases as they finish and write each projection file when complete, then write
    the manifest last. On any error every file written so far is removed: nothing half-written is left behind.
 """
@@ -15,7 +16,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +32,13 @@ from nullbooth.cluster import cluster_has_gpu, connect
 from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import COVARIANCE_DIR as COVARIANCE_DIR
-from nullbooth.layout import MANIFEST, covariance_file, projection_file
+from nullbooth.layout import MANIFEST, covariance_file
 from nullbooth.layout import PROJECTION_DIR as PROJECTION_DIR
 from nullbooth.models.backends import get_backend
 from nullbooth.models.layers import find_protected_layers
 from nullbooth.prompts import preserved_prompts
 from nullbooth.stats.dealer import Dealer, make_batches
-from nullbooth.stats.hooks import state_means
+from nullbooth.stats.decompose import Decomposer
 from nullbooth.stats.manifest import (
     FORMAT_VERSION,
     Manifest,
@@ -44,59 +47,74 @@ from nullbooth.stats.manifest import (
     missing_files,
     read_manifest,
     result_config,
+    split_layers,
+)
+from nullbooth.stats.moments import (
+    add_to_timestep_sum,
+    state_mean,
+    state_means,
+    timestep_mean,
 )
 from nullbooth.stats.reduce import tree_reduce
-from nullbooth.stats.spectrum import Spectrum, submit_groups
+from nullbooth.stats.spectrum import Spectrum
 from nullbooth.stats.store import STORED_DTYPES
-from nullbooth.stats.summary import empty_null_spaces, format_summary, summarize
+from nullbooth.stats.summary import empty_null_spaces, summarize
+from nullbooth.stats.writer import Writer
 from nullbooth.storage import RunDir
+
+logger = logging.getLogger(__name__)
+Prompts = tuple[list[str], list[str]]  # (preserved prompts, held-out prompts)
 
 
 def build_covariance(config: Config, force: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the statistics of `config.run_dir`; returns the summary dict (also printed)."""
+    """Build (or reuse) the statistics of `config.run_dir`; returns the summary dict."""
     config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
-    prompts, holdout = preserved_prompts(config)
+    prompts = preserved_prompts(config)
     run = RunDir(config.run_dir)
-    candidate = _check_existing(run, config, (prompts, holdout), force)
+    candidate = _check_existing(run, config, prompts, force)
     _check_model(config)
     connect(config.ray)
-    dealer = Dealer(config, make_batches(prompts, config.covariance.batch_size))
+    dealer = Dealer(config, make_batches(prompts[0], config.covariance.batch_size))
     try:
         # A run that may be reused needs only one replica, to fingerprint the model; otherwise start them all.
         info = dealer.start(1 if candidate is not None else None)
-        if candidate is not None:
-            diffs = manifest_mismatches(candidate, config, info["fingerprint"], timesteps=info["timesteps"],
-                                        prompts=(prompts, holdout))
-            missing = missing_files(run, candidate)
-            if not diffs and not missing:
-                summary = summarize(candidate, _where(run), reused=True)
-                print(format_summary(summary))
-                return summary
-            if diffs and not force:
-                raise NullBoothError(_refusal(run, diffs))
-            if missing:  # same config, but files were lost since: rebuilding loses nothing
-                print(f"nullbooth: {run.uri()} lacks {len(missing)} statistics files (e.g. {missing[0]}); rebuilding")
-        info = dealer.start()
-        _clear(run)
-        writer = Writer(run)
-        try:
-            result = _collect_and_decompose(config, dealer, info, writer, len(prompts))
-            manifest = Manifest.from_json(_manifest(config, info, prompts, holdout, result, dealer, started))
-            _, empty = empty_null_spaces(manifest)
-            if len(empty) == len(manifest.layers):
-                thr = config.projection.threshold
-                raise NullBoothError(f"projection.threshold: with kind={thr.kind} value={thr.value:g} every protected "
-                                     "layer has an empty null space, so no update could be learned; raise the threshold")
-            run.write_json(MANIFEST, manifest.to_json())  # last: its presence marks the run complete
-        except BaseException:
-            writer.remove_all()
-            raise
+        if candidate is not None and _reusable(run, candidate, config, info, prompts, force):
+            return _summary(candidate, run, reused=True)
+        manifest = _build(config, run, dealer, prompts, started)
     finally:
         dealer.shutdown()
-    summary = summarize(manifest, _where(run), reused=False)
-    print(format_summary(summary))
-    return summary
+    return _summary(manifest, run, reused=False)
+
+
+def _summary(manifest: Manifest, run: RunDir, reused: bool) -> dict[str, Any]:
+    """The end-of-stage summary (the CLI prints it with stats.summary.format_summary)."""
+    return summarize(manifest, _where(run), reused=reused)
+
+
+def _build(config: Config, run: RunDir, dealer: Dealer, prompts: Prompts, started: float) -> Manifest:
+    """Start every actor, clear the old run, then collect, reduce and decompose; the manifest is written last."""
+    info = dealer.start()
+    _clear(run)
+    writer = Writer(run)
+    try:
+        result = _collect_and_decompose(config, dealer, info, writer, len(prompts[0]))
+        manifest = Manifest.from_json(_manifest(config, info, *prompts, result, dealer, started))
+        _check_null_spaces(config, manifest)
+        run.write_json(MANIFEST, manifest.to_json())  # last: its presence marks the run complete
+    except BaseException:
+        writer.remove_all()
+        raise
+    return manifest
+
+
+def _check_null_spaces(config: Config, manifest: Manifest) -> None:
+    """Refuse a threshold that leaves every protected layer an empty null space (nothing could be learned)."""
+    _, empty = empty_null_spaces(manifest)
+    if len(empty) == len(manifest.layers):
+        thr = config.projection.threshold
+        raise NullBoothError(f"projection.threshold: with kind={thr.kind} value={thr.value:g} every protected "
+                             "layer has an empty null space, so no update could be learned; raise the threshold")
 
 
 def _where(run: RunDir) -> str:
@@ -111,7 +129,7 @@ def _refusal(run: RunDir, diffs: list[str]) -> str:
             f"pass --force to overwrite it, or choose another run_dir. Differences: " + "; ".join(diffs))
 
 
-def _check_existing(run: RunDir, config: Config, prompts: tuple[list[str], list[str]], force: bool) -> Manifest | None:
+def _check_existing(run: RunDir, config: Config, prompts: Prompts, force: bool) -> Manifest | None:
     """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None."""
     if not has_manifest(run):
         return None
@@ -125,6 +143,21 @@ def _check_existing(run: RunDir, config: Config, prompts: tuple[list[str], list[
     if diffs and not force:
         raise NullBoothError(_refusal(run, diffs))
     return None if diffs else manifest
+
+
+def _reusable(run: RunDir, candidate: Manifest, config: Config, info: dict, prompts: Prompts, force: bool) -> bool:
+    """True if the complete run `candidate` belongs to this config and model and has all its files; a different one
+    is refused unless `force`; one that lost files is rebuilt with a warning."""
+    diffs = manifest_mismatches(candidate, config, info["fingerprint"], timesteps=info["timesteps"], prompts=prompts)
+    missing = missing_files(run, candidate)
+    if not diffs and not missing:
+        return True
+    if diffs and not force:
+        raise NullBoothError(_refusal(run, diffs))
+    if missing:  # same config, but files were lost since: rebuilding loses nothing
+        logger.warning("nullbooth: %s lacks %d statistics files (e.g. %s); rebuilding", run.uri(), len(missing),
+                       missing[0])
+    return False
 
 
 def _check_model(config: Config) -> None:
@@ -154,31 +187,6 @@ def _clear(run: RunDir) -> None:
     run.delete(PROJECTION_DIR)
 
 
-class Writer:
-    """Writes the run's tensor files and remembers them, so a failure can remove exactly what it wrote."""
-
-    def __init__(self, run: RunDir):
-        self.run = run
-        self.written: list[str] = []
-
-    def tensors(self, rel: str, tensors: dict[str, np.ndarray], dtype: torch.dtype) -> None:
-        # np.require copies read-only arrays (straight from Ray's object store) that torch cannot wrap.
-        self.run.write_tensors(rel, {k: torch.from_numpy(np.require(v, requirements="W")).to(dtype)
-                                     for k, v in tensors.items()})
-        self.written.append(rel)
-
-    def remove_all(self) -> None:
-        """Delete every file written, then the statistics folders if that left them empty."""
-        for rel in self.written:
-            try:
-                self.run.delete(rel)
-            except OSError:
-                pass
-        for folder in (COVARIANCE_DIR, PROJECTION_DIR):
-            if not self.run.listdir(folder):
-                self.run.delete(folder)
-
-
 # -- collection, reduction, decomposition ----------------------------------------------------------------------------
 def _collect_and_decompose(config: Config, dealer: Dealer, info: dict, writer: Writer, n_prompts: int) -> dict:
     bar = telemetry.progress(n_prompts, "covariance: prompts sampled", unit="prompt")
@@ -199,116 +207,75 @@ def _collect_and_decompose(config: Config, dealer: Dealer, info: dict, writer: W
     return reduced
 
 
+@dataclass
+class _Outputs:
+    """Where each reduced covariance goes: its covariance file (stored dtype) and the eigendecomposition queue."""
+
+    writer: Writer
+    decomposer: Decomposer
+    dtype: torch.dtype
+
+    def put(self, which: str | int, tensors: dict[str, np.ndarray], queue: dict[str, np.ndarray]) -> None:
+        """Write covariance/<which> with `tensors`; queue the bases of `queue` (key -> covariance) under `which`."""
+        self.writer.tensors(covariance_file(which), tensors, self.dtype)
+        for key, cov in queue.items():
+            self.decomposer.add(which, key, cov)
+
+
 def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
     """Tree-reduce "text" then every timestep, writing the mean covariances and queueing their eigendecompositions."""
     plan: list[int] = info["timesteps"]
-    image_layers = [name for name, entry in info["layers"].items() if entry["side"] == "image"]
-    stored = STORED_DTYPES[config.covariance.dtype]
+    _, image_layers = split_layers(info["layers"])
     thr = config.projection.threshold
-    decomposer = Decomposer(config.covariance.eigh_group_size, thr.kind, thr.value, cluster_has_gpu())
+    out = _Outputs(writer, Decomposer(config.covariance.eigh_group_size, thr.kind, thr.value, cluster_has_gpu()),
+                   STORED_DTYPES[config.covariance.dtype])
     bar = telemetry.progress(len(plan) + 1, "covariance: tree reduction", unit="state")
     done = telemetry.gauge("stats_reduced_states", "states (text + timesteps) tree-reduced")
     try:
-        ref, _ = tree_reduce(dealer.states("text"))
-        text = ray.get(ref)
-        text_cov = text["sums"]["text"] / text["rows"]["text"]
-        writer.tensors(covariance_file("text"), {"cov": text_cov}, stored)
-        decomposer.add("text", "text", text_cov)
+        text_rows = _reduce_text(dealer, out)
         bar.update(1)
         image_rows: dict[str, dict[str, int]] = {}
-        global_sum: dict[str, np.ndarray] = {}
+        timestep_sum: dict[str, np.ndarray] = {}
         for i, t in enumerate(plan):
-            ref, _ = tree_reduce(dealer.states(t))
-            total = ray.get(ref)
-            del ref
-            missing = [name for name in image_layers if name not in total["rows"]]
-            if missing:
-                raise NullBoothError(f"covariance.layers: {missing[0]} was never called at timestep {t}; the sampler "
-                                     "does not run it, so it has no keys to protect")
-            covs = state_means(total)
-            writer.tensors(covariance_file(t), covs, stored)
-            image_rows[str(t)] = {name: int(total["rows"][name]) for name in image_layers}
-            for name in image_layers:
-                global_sum[name] = global_sum[name] + covs[name] if name in global_sum else covs[name].copy()
-                decomposer.add(t, name, covs[name])
-            decomposer.flush()  # one timestep's layers at once, so its groups can be balanced by size
-            del total, covs
+            image_rows[str(t)] = _reduce_timestep(t, dealer, image_layers, out, timestep_sum)
             bar.update(1)
             done.set(i + 2)
-        global_cov = {name: s / len(plan) for name, s in global_sum.items()}
-        writer.tensors(covariance_file("global"), global_cov, stored)
-        for name in image_layers:
-            decomposer.add("global", name, global_cov[name])
-        decomposer.flush()
+        global_cov = timestep_mean(timestep_sum, len(plan))
+        out.put("global", global_cov, {name: global_cov[name] for name in image_layers})
+        out.decomposer.flush()
     except BaseException:
-        decomposer.cancel()
+        out.decomposer.cancel()
         raise
     finally:
         bar.close()
-    return {"text_rows": int(text["rows"]["text"]), "image_rows": image_rows, "decomposer": decomposer}
+    return {"text_rows": text_rows, "image_rows": image_rows, "decomposer": out.decomposer}
 
 
-class Decomposer:
-    """Queues (file, key, covariance) items into eigendecomposition tasks and writes each projection file as soon
-    as all its bases are back."""
-
-    def __init__(self, group_size: int, kind: str, value: float, use_gpu: bool):
-        self.group_size, self.kind, self.value, self.use_gpu = group_size, kind, value, use_gpu
-        self.pending: list[tuple[tuple[Any, str], np.ndarray]] = []
-        self.refs: list[ray.ObjectRef] = []
-        self.expected: dict[Any, set[str]] = {}
-        self.items = 0
-
-    def add(self, file: Any, key: str, cov: np.ndarray) -> None:
-        self.expected.setdefault(file, set()).add(key)
-        self.pending.append(((file, key), cov))
-        self.items += 1
-
-    def flush(self) -> None:
-        if self.pending:
-            self.refs += submit_groups(self.pending, self.group_size, self.kind, self.value, self.use_gpu)
-            self.pending = []
-
-    def cancel(self) -> None:
-        for ref in self.refs:
-            ray.cancel(ref, force=True)
-        self.refs, self.pending = [], []
-
-    def collect(self, writer: Writer) -> dict[Any, dict[str, Spectrum]]:
-        """Wait for every task; returns file -> key -> Spectrum with the bases dropped (they are on disk)."""
-        bar = telemetry.progress(self.items, "covariance: eigendecompositions", unit="eigh")
-        done = telemetry.gauge("stats_eigh_done", "covariances eigendecomposed")
-        got: dict[Any, dict[str, Spectrum]] = {}
-        kept: dict[Any, dict[str, Spectrum]] = {}
-        count = 0
-        refs = list(self.refs)
-        try:
-            while refs:
-                [ready], refs = ray.wait(refs, num_returns=1)
-                results = ray.get(ready)
-                for (file, key), spectrum in results:
-                    got.setdefault(file, {})[key] = spectrum
-                count += len(results)
-                bar.update(len(results))
-                done.set(count)
-                for file in [f for f, keys in got.items() if set(keys) == self.expected[f]]:
-                    _write_projection(writer, file, got[file])
-                    kept[file] = {k: Spectrum(np.empty((0, s.null_dim)), s.eigenvalues, s.tau)
-                                  for k, s in got.pop(file).items()}
-        finally:
-            bar.close()
-        return kept
+def _reduce_text(dealer: Dealer, out: _Outputs) -> int:
+    """Reduce the text sums once: write C[text] and queue its basis (sent with the first timestep's); returns n."""
+    ref, _ = tree_reduce(dealer.states("text"))
+    text = ray.get(ref)
+    cov = state_mean(text, "text")
+    out.put("text", {"cov": cov}, {"text": cov})
+    return int(text["rows"]["text"])
 
 
-def _write_projection(writer: Writer, file: Any, spectra: dict[str, Spectrum]) -> None:
-    if file == "text":
-        tensors = {"basis": spectra["text"].basis, "eigenvalues": spectra["text"].eigenvalues}
-    else:
-        tensors = {}
-        for key in sorted(spectra):
-            tensors[f"{key}.basis"] = spectra[key].basis
-            tensors[f"{key}.eigenvalues"] = spectra[key].eigenvalues
-    writer.tensors(projection_file(file), tensors, torch.float64)
+def _reduce_timestep(t: int, dealer: Dealer, image_layers: list[str], out: _Outputs,
+                     timestep_sum: dict[str, np.ndarray]) -> dict[str, int]:
+    """Reduce timestep t: write every C[layer, t], queue their bases, add them to `timestep_sum`; returns the
+    image-side layers' row counts at t."""
+    ref, _ = tree_reduce(dealer.states(t))
+    total = ray.get(ref)
+    del ref
+    missing = [name for name in image_layers if name not in total["rows"]]
+    if missing:
+        raise NullBoothError(f"covariance.layers: {missing[0]} was never called at timestep {t}; the sampler "
+                             "does not run it, so it has no keys to protect")
+    covs = state_means(total)
+    out.put(t, covs, {name: covs[name] for name in image_layers})
+    out.decomposer.flush()  # one timestep's layers at once, so its groups can be balanced by size
+    add_to_timestep_sum(timestep_sum, covs, image_layers)
+    return {name: int(total["rows"][name]) for name in image_layers}
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------------
@@ -320,7 +287,7 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
               started: float) -> dict[str, Any]:
     spectra = result["spectra"]
     plan = info["timesteps"]
-    image_layers = [name for name, entry in info["layers"].items() if entry["side"] == "image"]
+    _, image_layers = split_layers(info["layers"])
     return {
         "format_version": FORMAT_VERSION,
         "backend": config.model.backend,

@@ -27,7 +27,8 @@ from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.models.backends import get_backend, model_fingerprint, torch_threads_for
 from nullbooth.models.layers import find_protected_layers, layer_table
-from nullbooth.stats.hooks import KeyStatistics, State
+from nullbooth.stats.hooks import KeyStatistics
+from nullbooth.stats.moments import State, total_rows
 
 
 class Collector:
@@ -81,7 +82,7 @@ class Collector:
         start = time.perf_counter()
         seed = self.config.sampling.seed
         text_rows = 0
-        image_before = sum(sum(rows.values()) for rows in self.stats.image_rows.values())
+        image_before = total_rows(self.stats.image_rows)
         with torch.no_grad():
             cond, uncond = self.backend.encode(self.pipe, prompts)
             if collect:
@@ -91,7 +92,7 @@ class Collector:
             generators = [torch.Generator().manual_seed(seed + first_index + i) for i in range(len(prompts))]
             with self.stats.attached() if collect else nullcontext():
                 self.backend.sample(self.pipe, cond, uncond, generators, output_type="latent")
-        image_rows = sum(sum(rows.values()) for rows in self.stats.image_rows.values()) - image_before
+        image_rows = total_rows(self.stats.image_rows) - image_before
         seconds = time.perf_counter() - start
         if collect:
             self.batches_absorbed += 1

@@ -9,7 +9,7 @@ from live actors, so every batch is counted exactly once.
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.stats.collector import Collector
 
+logger = logging.getLogger(__name__)
 Batch = tuple[int, list[str]]  # (index of its first prompt in the preserved list, prompts)
 
 
@@ -110,8 +111,8 @@ class Dealer:
         lost = slot.absorbed + list(slot.in_flight.values())
         self.done.difference_update(slot.absorbed)
         self.pending.extendleft(sorted(lost, reverse=True))  # back at the front, in order
-        print(f"nullbooth: collector actor {slot.index} (incarnation {slot.incarnation}) died after absorbing "
-              f"{len(slot.absorbed)} batches; re-dealing {len(lost)} batches to a replacement", file=sys.stderr)
+        logger.warning("nullbooth: collector actor %d (incarnation %d) died after absorbing %d batches; re-dealing %d "
+                       "batches to a replacement", slot.index, slot.incarnation, len(slot.absorbed), len(lost))
         ray.kill(slot.actor, no_restart=True)
         fresh = self._start(slot.index, slot.incarnation + 1)
         self.slots[self.slots.index(slot)] = fresh

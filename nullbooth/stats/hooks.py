@@ -7,7 +7,7 @@ recomputed (no attention is redone) and no activation is kept after its product 
 
 Text-side keys (`attn2.to_k` / `attn2.to_v` read `encoder_hidden_states`) are added once per prompt from the
 embeddings themselves by `add_text`: the same rows reach every attn2 at every timestep, so hooking those layers
-would only count them again.
+would only count them again. The math itself (XᵀX, row counts) is in stats/moments.py.
 """
 
 from __future__ import annotations
@@ -15,35 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from nullbooth.errors import NullBoothError
 from nullbooth.models.layers import key_side
+from nullbooth.stats.moments import State, add_gram, image_row_count, text_row_count
 
 PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# A reduction state: the float64 sums Σ xxᵀ per key and the number of rows n per key, as numpy arrays so that Ray
-# moves them through its object store without copies (see stats/reduce.py).
-State = dict[str, dict]
-
-
-def gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
-    """XᵀX of the rows of `x` (any leading shape, features last), formed in `product_dtype`, returned float64."""
-    rows = x.detach().reshape(-1, x.shape[-1]).to(product_dtype)
-    return (rows.T @ rows).to(torch.float64)
-
-
-def add_gram(acc: torch.Tensor | None, x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
-    """acc + XᵀX, in place when `acc` exists: a float64 product goes straight into it (addmm_), a float32 one is
-    added with on-the-fly promotion (add_), so no float64 copy of the product is ever materialised — for wide
-    layers that see few rows (low resolution) that d×d pass, not the product, is the hook's main cost."""
-    if acc is None:
-        return gram(x, product_dtype)
-    rows = x.detach().reshape(-1, x.shape[-1]).to(product_dtype)
-    if product_dtype == torch.float64:
-        return acc.addmm_(rows.T, rows)
-    return acc.add_(rows.T @ rows)
 
 
 class KeyStatistics:
@@ -67,7 +45,7 @@ class KeyStatistics:
     def add_text(self, embeddings: torch.Tensor) -> int:
         """Add every row of `embeddings` (prompts × tokens × width); returns the number of rows added."""
         self.text_sum = add_gram(self.text_sum, embeddings.to(self.device), self.product_dtype)
-        rows = embeddings.shape[0] * embeddings.shape[1]
+        rows = text_row_count(embeddings)
         self.text_rows += rows
         return rows
 
@@ -103,7 +81,7 @@ class KeyStatistics:
             sums = self.image_sums[self._current]
             sums[name] = add_gram(sums.get(name), x, self.product_dtype)
             rows = self.image_rows[self._current]
-            rows[name] = rows.get(name, 0) + x.numel() // x.shape[-1]
+            rows[name] = rows.get(name, 0) + image_row_count(x)
 
         return hook
 
@@ -116,11 +94,3 @@ class KeyStatistics:
         return {"sums": {name: s.cpu().numpy() for name, s in self.image_sums[t].items()},
                 "rows": dict(self.image_rows[t])}
 
-
-def empty_state() -> State:
-    return {"sums": {}, "rows": {}}
-
-
-def state_means(state: State) -> dict[str, np.ndarray]:
-    """C = Σ xxᵀ / n for every key of a reduced state."""
-    return {key: state["sums"][key] / state["rows"][key] for key in state["sums"]}

@@ -26,6 +26,13 @@ STORED_DTYPES = ("float32", "float64")
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
+def split_layers(layers: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(text-side, image-side) layer names of a layer table (layer -> {"in_features", "side"}), in table order."""
+    text = [name for name, entry in layers.items() if entry["side"] == "text"]
+    image = [name for name, entry in layers.items() if entry["side"] == "image"]
+    return text, image
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a statistics run measured, as recorded in covariance/manifest.json (field names = JSON keys)."""
@@ -54,12 +61,12 @@ class Manifest:
     @property
     def image_layers(self) -> list[str]:
         """The image-side protected layers (to_q, to_out.0: keys are image tokens, one covariance per timestep)."""
-        return [name for name, entry in self.layers.items() if entry["side"] == "image"]
+        return split_layers(self.layers)[1]
 
     @property
     def text_layers(self) -> list[str]:
         """The text-side protected layers (to_k, to_v: they all read the one text covariance)."""
-        return [name for name, entry in self.layers.items() if entry["side"] == "text"]
+        return split_layers(self.layers)[0]
 
     @property
     def fingerprint(self) -> str:
@@ -146,8 +153,8 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
         if not check(manifest[name]):
             raise NullBoothError(f"{where}: field {name!r} must be {expected}")
     steps = [str(t) for t in manifest["timesteps"]]
-    image_layers = sorted(n for n, e in manifest["layers"].items() if e["side"] == "image")
-    text_layers = [n for n, e in manifest["layers"].items() if e["side"] == "text"]
+    text_layers, image_layers = split_layers(manifest["layers"])
+    image_layers = sorted(image_layers)
     if sorted(manifest["image_rows"]) != sorted(steps) or any(
             sorted(manifest["image_rows"][s]) != image_layers for s in steps):
         raise NullBoothError(f"{where}: field 'image_rows' must count every image-side layer at every timestep")

@@ -1,32 +1,20 @@
 """Tree reduction of the actors' partial sums over Ray ObjectRefs.
 
-A state is `{"sums": {key: float64 array}, "rows": {key: n}}` (see stats/hooks.py). N partial states are added
-pairwise by remote tasks, level by level: ⌈log2 N⌉ levels and N − 1 additions, none of them in the driver, which
-only ever holds ObjectRefs. The caller streams timestep by timestep, so the object store holds the O(N) partial
-sums of one timestep at a time. States travel as numpy arrays, which Ray reads from its object store without a copy.
+A state is `{"sums": {key: float64 array}, "rows": {key: n}}` and `add_states` adds two (see stats/moments.py).
+N partial states are added pairwise by remote tasks, level by level: ⌈log2 N⌉ levels and N − 1 additions, none of
+them in the driver, which only ever holds ObjectRefs. The caller streams timestep by timestep, so the object store
+holds the O(N) partial sums of one timestep at a time. States travel as numpy arrays, which Ray reads from its
+object store without a copy.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import ray
 from ray import ObjectRef
 
-from nullbooth.stats.hooks import State
-
-
-def add_states(a: State, b: State) -> State:
-    """The sum of two states; a key present in only one of them is carried over."""
-    sums: dict[str, np.ndarray] = {}
-    for key in a["sums"].keys() | b["sums"].keys():
-        if key in a["sums"] and key in b["sums"]:
-            sums[key] = a["sums"][key] + b["sums"][key]
-        else:
-            sums[key] = np.array(a["sums"].get(key, b["sums"].get(key)))  # own the memory, not the store's
-    rows = {key: a["rows"].get(key, 0) + b["rows"].get(key, 0) for key in a["rows"].keys() | b["rows"].keys()}
-    return {"sums": dict(sorted(sums.items())), "rows": dict(sorted(rows.items()))}
+from nullbooth.stats.moments import State, add_states
 
 
 # No CPU reservation: the collector actors keep their CPUs (and their sums) until the reduction is over, and these

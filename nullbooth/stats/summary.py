@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nullbooth.formatting import number
 from nullbooth.stats.manifest import Manifest
 
 
@@ -42,10 +43,6 @@ def summarize(manifest: Manifest, run_uri: str, reused: bool, **extra: Any) -> d
             "layers": layers, "warnings": warnings, **manifest.collection, **extra}
 
 
-def _g(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as the table a person reads at the end of `build-cov`."""
     head = "reused complete run" if summary["reused"] else "statistics written"
@@ -58,7 +55,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         per_t = row["null_dim_per_timestep"]
         span = f"{min(per_t)}..{max(per_t)}" if per_t else "-"
         lines.append(f"  {name:<{width}}  {row['side']:<5} {row['d']:>4} {row['null_dim']:>5}  {span:>10}  "
-                     f"{_g(row['eig_min'])} .. {_g(row['eig_max'])}")
+                     f"{number(row['eig_min'], '.3g', '-')} .. {number(row['eig_max'], '.3g', '-')}")
     lines.append(f"  {'timestep':>8}  image rows (all layers)  rows per layer (min .. max)")
     for t in summary["timesteps"]:
         rows = summary["image_rows"][str(t)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ import ray
 from nullbooth.cluster import connect
 from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError, user_error
-from nullbooth.layout import CHECKPOINT_STATE, MANIFEST, REPORT_NAME, TRAIN_DIR
+from nullbooth.formatting import number
+from nullbooth.layout import CHECKPOINT_STATE, MANIFEST, REPORT_NAME, TRAIN_DIR, is_uri
 from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.stats.manifest import Manifest
-from nullbooth.storage import RunDir, is_uri
+from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import signature_mismatches
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
 from nullbooth.train.export import local_checkpoint_copy, publish
@@ -233,7 +233,6 @@ def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_
                "already_finished": already_finished, "mode": report["mode"], "steps": report["step"],
                "final_loss": report["final_loss"], "preservation_error": preservation.get("overall"),
                "resumed_from": report["resumed_from"], "elapsed_s": round(time.time() - started, 2), "report": report}
-    print(format_summary(summary), file=sys.stderr)  # the stage's result for the user, not a diagnostic: no logger
     return summary
 
 
@@ -243,13 +242,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     error = summary["preservation_error"]
     evals = report["eval_loss"]
     lines = [f"nullbooth train: {head} {summary['steps']} steps ({summary['mode']}) -> {summary['lora_dir']}",
-             f"  final loss {_g(summary['final_loss'])}, eval loss {_g(evals['initial'])} -> {_g(evals['final'])}, "
-             f"preservation error {_g(error)}"
+             f"  final loss {number(summary['final_loss'])}, eval loss {number(evals['initial'])} -> "
+             f"{number(evals['final'])}, "
+             f"preservation error {number(error)}"
              + (f", resumed from step(s) {summary['resumed_from']}" if summary["resumed_from"] else "")]
     if report["unprotected"] and report["mode"] != "none":
         lines.append(f"  unprotected LoRA targets (no basis): {', '.join(report['unprotected'])}")
     return "\n".join(lines)
-
-
-def _g(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
