@@ -2,8 +2,8 @@
 
 - `make_lora`: a diffusers-format LoRA for the tiny UNet, made with PEFT as a user's training would. `b_std=0` gives
   a zeroed LoRA (lora_B = 0), which must leave every output bit-identical; `b_std>0` a random nonzero one.
-- `write_fake_statistics`: a manifest + projection files in the statistics stage's layout (validated by
-  nullbooth.stats.store), from synthetic covariances whose null spaces are computed with nullbooth.nullspace.
+- `write_fake_statistics`: a complete statistics run (manifest, covariance and projection files) in the statistics
+  stage's layout, from synthetic covariances whose null spaces are computed with nullbooth.nullspace.
 - `write_train_report`: lora/report.json in the training stage's layout.
 """
 
@@ -20,11 +20,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from nullbooth.config import DEFAULT_PROTECTED_LAYERS
-from nullbooth.layout import MANIFEST, projection_file
+from nullbooth.layout import MANIFEST, covariance_file, projection_file
 from nullbooth.models.layers import find_protected_layers, layer_table
 from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import null_space
-from nullbooth.stats.manifest import FORMAT_VERSION, Manifest
+from nullbooth.stats.manifest import FORMAT_VERSION, Manifest, split_layers
 from nullbooth.storage import RunDir
 
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
@@ -60,29 +60,46 @@ def _covariance(d: int, rank: int, gen: torch.Generator) -> torch.Tensor:
     return x.T @ x / x.shape[0] + 1e-9 * torch.eye(d, dtype=torch.float64)
 
 
-def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: list[int] = (801, 401, 1),
-                          model_path: str = "tiny", kind: str = "relative", value: float = 1e-3) -> dict:
-    """A valid manifest and projection files for the tiny UNet from random low-rank covariances; returns the
-    manifest. Eigenvalues and null-space dimensions are consistent (computed by nullbooth.nullspace.null_space)."""
+def random_low_rank(seed: int = 7):
+    """The default covariances: random, of a rank that varies by layer and timestep (so null spaces differ)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def covariance(which: str | int, index: int, d: int) -> torch.Tensor:
+        if which == "text":
+            return _covariance(d, d // 2, gen)
+        return _covariance(d, max(1, d - (index % 5) * d // 8 - (0 if which == "global" else int(which) % 3)), gen)
+
+    return covariance
+
+
+def write_fake_statistics(run_dir: str | Path, holdout: list[str] = (), timesteps: list[int] = (801, 401, 1),
+                          model_path: str = "tiny", kind: str = "relative", value: float = 1e-3,
+                          covariance=None) -> Manifest:
+    """A complete statistics run for `model_path`'s UNet in the stage's layout, from synthetic covariances; returns
+    the manifest (validated by the stage's own checker). `covariance(which, layer_index, d)` gives each (d, d)
+    covariance, `which` being "text", a timestep or "global" (default: random_low_rank()). Bases, eigenvalues and
+    null-space dimensions are computed from them by nullbooth.nullspace.null_space, so they are consistent."""
+    covariance = covariance or random_low_rank()
     run = RunDir(str(run_dir))
     table = layer_table(find_protected_layers(_unet(model_path), DEFAULT_PROTECTED_LAYERS))
-    image_layers = [n for n, e in table.items() if e["side"] == "image"]
-    d_text = next(e["in_features"] for e in table.values() if e["side"] == "text")
-    gen = torch.Generator().manual_seed(7)
-    basis, eig, tau = null_space(_covariance(d_text, d_text // 2, gen), kind, value)
+    text_layers, image_layers = split_layers(table)
+    null_dims: dict = {"global": {}, "timesteps": {}}
+    spectra: dict = {"global": {}}
+    text_cov = covariance("text", 0, table[text_layers[0]]["in_features"])
+    basis, eig, tau = null_space(text_cov, kind, value)
+    run.write_tensors(covariance_file("text"), {"cov": text_cov})
     run.write_tensors(projection_file("text"), {"basis": basis, "eigenvalues": eig})
-    null_dims = {"text": basis.shape[1], "global": {}, "timesteps": {}}
-    spectra = {"text": {"tau": tau, "eig_min": float(eig.min()), "eig_max": float(eig.max())}, "global": {}}
+    null_dims["text"], spectra["text"] = basis.shape[1], {"tau": tau, "eig_min": float(eig.min()),
+                                                          "eig_max": float(eig.max())}
     for which in [*timesteps, "global"]:
-        tensors, dims = {}, {}
+        covs, tensors, dims = {}, {}, {}
         for i, name in enumerate(image_layers):
-            d = table[name]["in_features"]
-            rank = max(1, d - (i % 5) * d // 8 - (0 if which == "global" else int(which) % 3))
-            basis, eig, tau = null_space(_covariance(d, rank, gen), kind, value)
-            tensors[f"{name}.basis"], tensors[f"{name}.eigenvalues"] = basis, eig
-            dims[name] = basis.shape[1]
+            covs[name] = covariance(which, i, table[name]["in_features"])
+            basis, eig, tau = null_space(covs[name], kind, value)
+            tensors[f"{name}.basis"], tensors[f"{name}.eigenvalues"], dims[name] = basis, eig, basis.shape[1]
             if which == "global":
                 spectra["global"][name] = {"tau": tau, "eig_min": float(eig.min()), "eig_max": float(eig.max())}
+        run.write_tensors(covariance_file(which), covs)
         run.write_tensors(projection_file(which), tensors)
         if which == "global":
             null_dims["global"] = dims
@@ -92,9 +109,10 @@ def write_fake_statistics(run_dir: str | Path, holdout: list[str], timesteps: li
         "format_version": FORMAT_VERSION, "backend": "sd",
         "model": {"path": model_path, "revision": None, "dtype": "float32", "fingerprint": "fake"},
         "scheduler": {"name": "ddim", "class": "DDIMScheduler", "config": {}}, "timesteps": list(timesteps),
-        "guidance_scale": 7.5, "uses_guidance": True, "prompts": ["a measured prompt"], "holdout_prompts": holdout,
-        "text_rows": 64, "image_rows": {str(t): {n: 256 for n in image_layers} for t in timesteps},
-        "layers": table, "dtype": "float32", "threshold": {"kind": kind, "value": value}, "null_dims": null_dims,
+        "guidance_scale": 7.5, "uses_guidance": True, "prompts": ["a measured prompt"],
+        "holdout_prompts": list(holdout), "text_rows": 64,
+        "image_rows": {str(t): {n: 256 for n in image_layers} for t in timesteps},
+        "layers": table, "dtype": "float64", "threshold": {"kind": kind, "value": value}, "null_dims": null_dims,
         "spectra": spectra, "config": {}})
     run.write_json(MANIFEST, manifest.to_json())
     return manifest

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_fixtures import write_fake_statistics
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.models.layers import find_protected_layers, key_side
 from nullbooth.models.subject import draw_subject_image
-from nullbooth.nullspace import null_space, preservation_error
-from nullbooth.stats.manifest import FORMAT_VERSION, Manifest, read_manifest
+from nullbooth.nullspace import preservation_error
+from nullbooth.stats.manifest import read_manifest
 from nullbooth.stats.store import load_bases
 from nullbooth.storage import RunDir
 from nullbooth.train.checkpoint import load_training_state, save_training_state
@@ -41,51 +41,25 @@ def spd(q: torch.Tensor, null: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from nullbooth.models.registry import resolve_model_location
-
-    return UNet2DConditionModel.from_pretrained(resolve_model_location("tiny"), subfolder="unet")
-
-
-@pytest.fixture(scope="module")
-def fake_run(tmp_path_factory, tiny_unet):
-    """A complete statistics run for the tiny SD model with synthetic covariances (relative threshold 1e-3)."""
+def fake_run(tmp_path_factory):
+    """A complete statistics run for the tiny SD model with synthetic covariances of known spectrum (relative
+    threshold 1e-3): the text null space has NULL_TEXT dimensions, every image-side one NULL_IMAGE[t]; the global
+    covariance is the mean over timesteps, as the statistics stage makes it."""
     run_dir = str(tmp_path_factory.mktemp("train-unit") / "run")
-    run = RunDir(run_dir)
-    layers = {name: lin.in_features for name, lin in
-              find_protected_layers(tiny_unet, ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]).items()}
     gen = torch.Generator().manual_seed(0)
-    q_text = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))[0]
-    text_cov = spd(q_text, NULL_TEXT, gen)
-    image = [n for n in layers if key_side(n) == "image"]
-    q = {n: torch.linalg.qr(torch.randn(layers[n], layers[n], generator=gen, dtype=torch.float64))[0] for n in image}
-    per_t = {t: {n: spd(q[n], NULL_IMAGE[t], gen) for n in image} for t in TIMESTEPS}
-    glob = {n: sum(per_t[t][n] for t in TIMESTEPS) / len(TIMESTEPS) for n in image}
-    run.write_tensors("covariance/text.safetensors", {"cov": text_cov})
-    basis, eig, _ = null_space(text_cov, "relative", 1e-3)
-    run.write_tensors("projection/text.safetensors", {"basis": basis, "eigenvalues": eig})
-    dims = {"text": basis.shape[1], "global": {}, "timesteps": {}}
-    for which, covs in [*per_t.items(), ("global", glob)]:
-        stem = "global" if which == "global" else f"t{which:04d}"
-        run.write_tensors(f"covariance/{stem}.safetensors", covs)
-        tensors, found = {}, {}
-        for n, c in covs.items():
-            b, e, _ = null_space(c, "relative", 1e-3)
-            tensors[f"{n}.basis"], tensors[f"{n}.eigenvalues"], found[n] = b, e, b.shape[1]
-        run.write_tensors(f"projection/{stem}.safetensors", tensors)
+    rotations: dict = {}
+
+    def covariance(which, index: int, d: int) -> torch.Tensor:
         if which == "global":
-            dims["global"] = found
-        else:
-            dims["timesteps"][str(which)] = found
-    manifest = {"format_version": FORMAT_VERSION, "backend": "sd", "model": {"path": "tiny", "fingerprint": "0" * 16},
-                "scheduler": {"name": "ddim", "class": "DDIMScheduler", "config": {}}, "timesteps": TIMESTEPS,
-                "guidance_scale": 7.5, "uses_guidance": True, "prompts": ["a photo of a cat"], "holdout_prompts": [],
-                "text_rows": 1000, "image_rows": {str(t): {n: 100 for n in image} for t in TIMESTEPS},
-                "layers": {n: {"in_features": d, "side": key_side(n)} for n, d in layers.items()}, "dtype": "float64",
-                "threshold": {"kind": "relative", "value": 1e-3}, "null_dims": dims, "config": {}}
-    run.write_json("covariance/manifest.json", Manifest.from_json(manifest).to_json())
+            return sum(covariance(t, index, d) for t in TIMESTEPS) / len(TIMESTEPS)
+        key = ("text" if which == "text" else index, which)
+        if key not in rotations:
+            q = rotations.setdefault(("q", key[0]), torch.linalg.qr(torch.randn(d, d, generator=gen,
+                                                                                dtype=torch.float64))[0])
+            rotations[key] = spd(q, NULL_TEXT if which == "text" else NULL_IMAGE[which], gen)
+        return rotations[key]
+
+    write_fake_statistics(run_dir, timesteps=TIMESTEPS, covariance=covariance)
     return run_dir
 
 

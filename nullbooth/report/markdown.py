@@ -12,6 +12,11 @@ def _psnr(value: float | None) -> str:
     return "∞ (identical)" if value is None else f"{value:.2f}"
 
 
+def _plot(files: dict[str, Any], name: str, caption: str) -> list[str]:
+    """The Markdown lines showing plot `name`, or none when the report has no such plot."""
+    return [f"![{caption}]({_rel(files['plots'][name])})", ""] if name in files["plots"] else []
+
+
 def _rel(path: str) -> str:
     """A run-relative path as seen from report/report.md."""
     return path[len("report/"):] if path.startswith("report/") else f"../{path}"
@@ -56,9 +61,7 @@ def _drift(report: dict[str, Any]) -> list[str]:
                      f"| {_psnr(b['pixel_psnr_db'])} |")
     lines += ["", "Held-out preserved prompts should barely move (small latent MSE, high PSNR); the instance prompts "
               "should move (the subject appears).", ""]
-    if "drift" in files["plots"]:
-        lines += [f"![drift per prompt]({_rel(files['plots']['drift'])})", ""]
-    return lines
+    return lines + _plot(files, "drift", "drift per prompt")
 
 
 def _preservation(report: dict[str, Any]) -> list[str]:
@@ -79,10 +82,7 @@ def _preservation(report: dict[str, Any]) -> list[str]:
     if worst:
         lines += ["", "| layer (largest errors) | error |", "|---|---:|"]
         lines += [f"| `{short_layer(k)}` | {v:.4g} |" for v, k in worst]
-    lines.append("")
-    if "preservation" in files["plots"]:
-        lines += [f"![preservation error per timestep]({_rel(files['plots']['preservation'])})", ""]
-    return lines
+    return lines + [""] + _plot(files, "preservation", "preservation error per timestep")
 
 
 def _null_space(report: dict[str, Any]) -> list[str]:
@@ -104,6 +104,5 @@ def _null_space(report: dict[str, Any]) -> list[str]:
     lines.append("")
     for name, caption in (("spectrum", "eigenvalue spectra with τ"), ("null_dims", "null-space dimension per layer "
                                                                                     "and timestep")):
-        if name in files["plots"]:
-            lines += [f"![{caption}]({_rel(files['plots'][name])})", ""]
+        lines += _plot(files, name, caption)
     return lines

@@ -1,0 +1,144 @@
+"""The toy world: generator, captions, held-out split, tokenizer, recipe, shipped weights and probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nullbooth.errors import NullBoothError
+from nullbooth.models.toyworld import PROMPTS_FILE, WEIGHTS_DIR, world
+from nullbooth.models.toyworld import probe as probe_mod
+from nullbooth.models.toyworld.evaluate import concept_accuracy, subject_fidelity
+from nullbooth.models.toyworld.provenance import digest_tree
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img)
+
+
+def test_generator_is_deterministic_and_varies():
+    a, sa = world.sample_scene(3, 17)
+    b, sb = world.sample_scene(3, 17)
+    c, _ = world.sample_scene(3, 18)
+    assert sa == sb and np.array_equal(_pixels(a), _pixels(b))
+    assert not np.array_equal(_pixels(a), _pixels(c))
+    assert a.size == (world.DEFAULT_SIZE, world.DEFAULT_SIZE)
+    assert np.array_equal(_pixels(world.draw_subject_image(5)), _pixels(world.draw_subject_image(5)))
+    assert not np.array_equal(_pixels(world.draw_subject_image(5)), _pixels(world.draw_subject_image(6)))
+
+
+def test_captions_parse_back_to_the_drawn_concepts():
+    full = partial = 0
+    for i in range(400):
+        _, scene = world.sample_scene(1, i)
+        o, c, b = world.parse_caption(scene.caption)
+        assert o == scene.object
+        assert c in (None, scene.colour) and b in (None, scene.background)
+        if c is not None and b is not None:
+            full += 1
+        else:
+            partial += 1
+        assert "teal" not in scene.caption and "sks" not in scene.caption
+    assert full > 250 and partial > 40
+    assert world.parse_caption(world.DEMO_INSTANCE_PROMPT) == ("teapot", None, None)
+    assert world.parse_caption("a photo of an orange star on a sky background") == ("star", "orange", "sky")
+
+
+def test_held_out_combos_never_reach_training():
+    held = set(world.held_out_combos())
+    assert len(held) == len(world.all_combos()) // 8
+    assert len({(o, c) for o, c, _ in held}) == len(held)  # every (object, colour) pair is still trained
+    train = world.training_combos()
+    for i in range(2000):
+        _, s = world.sample_scene(0, i, train)
+        assert (s.object, s.colour, s.background) not in held
+    for p in world.preserved_prompts():
+        assert world.parse_caption(p) not in held
+    drift = world.drift_prompts()
+    assert len(drift) >= 64 and len(set(drift)) == len(drift)
+    assert all(world.parse_caption(p) in held for p in drift)
+
+
+def test_prompts_file_equals_generator():
+    assert PROMPTS_FILE.read_text(encoding="utf-8") == world.prompts_file_text()
+    lines = [s for s in PROMPTS_FILE.read_text().splitlines() if s and not s.startswith("#")]
+    assert lines == world.preserved_prompts() and 200 <= len(lines) <= 600
+
+
+def test_tokenizer_is_word_level():
+    from nullbooth.models.toyworld.text import (
+        build_text_encoder,
+        build_tokenizer,
+        vocabulary_words,
+    )
+
+    tok = build_tokenizer(16)
+    for word in vocabulary_words():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok(world.DEMO_INSTANCE_PROMPT, add_special_tokens=False).input_ids
+    assert len(ids) == len(world.DEMO_INSTANCE_PROMPT.split())
+    enc = build_text_encoder(tok, width=32, layers=1, seed=0)
+    assert enc.config.max_position_embeddings == tok.model_max_length == 16
+
+
+def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from nullbooth.models.toyworld.recipe import PROVENANCE, train_toy_model
+
+    out = train_toy_model(tmp_path / "toy", vae_steps=2, unet_steps=2, probe_steps=2, progress=False,
+                          image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
+                          probe_pool=32, probe_test_images=32, text_width=32, vae_batch=4, unet_batch=4)
+    prov = json.loads((out / PROVENANCE).read_text())
+    assert prov["files"] == digest_tree(out) and "unet/diffusion_pytorch_model.safetensors" in prov["files"]
+    assert prov["unet"]["steps"] == 2 and prov["settings"]["image_size"] == 16
+    assert not [p for p in tmp_path.iterdir() if p.name != "toy"]  # the temporary folder is gone
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    img = pipe("a red star on a sky background", num_inference_steps=2, height=16, width=16,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (16, 16)
+    probe_meta = json.loads((out / probe_mod.PROBE_JSON).read_text())
+    assert probe_meta["test_accuracy"] == prov["probe"]["test_accuracy"]
+    assert isinstance(probe_mod.load_probe(out), probe_mod.ProbeNet)
+    with pytest.raises(NullBoothError, match="already exists"):
+        train_toy_model(out, vae_steps=1, unet_steps=1, probe_steps=1, progress=False)
+    with pytest.raises(NullBoothError, match="unknown setting"):
+        train_toy_model(tmp_path / "other", bogus=1)
+
+
+def test_shipped_files_match_their_provenance():
+    prov = json.loads((WEIGHTS_DIR / "provenance.json").read_text())
+    assert prov["files"] == digest_tree(WEIGHTS_DIR)
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".safetensors", ".json", ".txt"}
+    assert sum(p.stat().st_size for p in files) <= 15 * 2**20
+    for part in ("model_index.json", "tokenizer", "text_encoder", "unet", "vae", "scheduler", "probe.json"):
+        assert (WEIGHTS_DIR / part).exists(), part
+
+
+def test_shipped_probe_reads_fresh_images():
+    net = probe_mod.load_probe(WEIGHTS_DIR)
+    acc = probe_mod.evaluate_probe(net, seed=4242, n=200)
+    for head in ("object", "colour", "background"):
+        assert acc[head] >= 0.98, (head, acc)
+    assert acc["subject"] >= 0.97, acc
+    # The evaluation helpers agree with ground truth on drawn (not generated) images of held-out combos.
+    prompts = world.drift_prompts(32)
+    import random
+
+    images = [world.draw_scene(world.parse_caption(p), random.Random(i)) for i, p in enumerate(prompts)]
+    assert concept_accuracy(images, prompts, net)["both"] >= 0.95
+    assert subject_fidelity([world.draw_subject_image(10_000 + i) for i in range(20)], net) >= 0.95
+    assert subject_fidelity(images, net) <= 0.05
+    feats = probe_mod.features(net, torch.rand(3, 3, 32, 32))
+    assert feats.shape == (3, 4 * net.width)
+
+
+def test_probe_load_refuses_a_folder_without_probe(tmp_path: Path):
+    with pytest.raises(NullBoothError, match="probe.json"):
+        probe_mod.load_probe(tmp_path)
