@@ -89,10 +89,10 @@ def _build_cov(config: Config, args: argparse.Namespace) -> None:
 
 
 def _train(config: Config, args: argparse.Namespace) -> None:
-    from nullbooth.train.run import format_summary, train
+    from nullbooth.train.run import format_summary, train_all
 
-    # To stderr, beside Ray Train's own output, as before the refactor.
-    print(format_summary(train(config)), file=sys.stderr)
+    for summary in train_all(config):  # to stderr, beside Ray Train's own output
+        print(format_summary(summary), file=sys.stderr)
 
 
 def _generate(config: Config, args: argparse.Namespace) -> None:

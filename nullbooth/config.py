@@ -120,6 +120,8 @@ class TrainConfig:
     max_failures: int = _f(0, "worker failures Ray Train recovers from (resuming from the last checkpoint)", min=-1)
     storage_path: str | None = _f(None, "Ray Train storage (local path or s3://, gs://; unset: run_dir/train)")
     name: str = _f("nullbooth-lora", "Ray Train run name (re-run with the same name to resume)")
+    plain_baseline: bool = _f(False, "also train a plain LoRA (projection.mode none) on the same data, into "
+                                     "run_dir/lora-none, shown beside the projected one in the report")
     rank: int = _f(4, "LoRA rank", min=1)
     alpha: float = _f(4.0, "LoRA alpha", min=0.0, min_exclusive=True)
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
@@ -298,6 +300,12 @@ def validate(config: Config) -> None:
             raise NullBoothError(f"sampling.{name}: must be a multiple of 8, got {size}")
     if not config.covariance.layers:
         raise NullBoothError("covariance.layers: at least one protected layer pattern is needed")
+    if config.train.plain_baseline and config.generate.baseline_run:
+        raise NullBoothError("generate.baseline_run: train.plain_baseline already gives the report a baseline; "
+                             "unset one of them")
+    if config.train.plain_baseline and config.projection.mode == "none":
+        raise NullBoothError("train.plain_baseline: the run itself trains a plain LoRA (projection.mode: none); "
+                             "the baseline is for global or timestep mode")
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
     if config.preserve.prompts_file != "demo" and not is_uri(config.preserve.prompts_file):

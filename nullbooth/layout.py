@@ -10,6 +10,7 @@
       train/<train.name>/               Ray Train's checkpoints (unless train.storage_path says otherwise)
       lora/pytorch_lora_weights.safetensors   the trained LoRA, diffusers format
       lora/report.json                  what training measured (losses, preservation error)
+      lora-none/                        the same for the plain-LoRA baseline (train.plain_baseline)
       samples/{base,finetuned}/*.png    every generated image; samples/latents.safetensors their final latents
       report/report.json, report.md, grid.png, plots/*.png, compare/
 
@@ -20,6 +21,7 @@ Paths are relative to the run directory, with '/' separators (see nullbooth.stor
 from __future__ import annotations
 
 from nullbooth.errors import NullBoothError
+
 
 def is_uri(location: str) -> bool:
     """Whether a run_dir, storage path or file is a cloud URI (s3://, gs://, file://) rather than a local path."""
@@ -58,6 +60,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lo
 LORA_FILE = f"{LORA_DIR}/{LORA_WEIGHTS}"
 REPORT_NAME = "report.json"  # a training report, in lora/ and in every checkpoint
 TRAIN_REPORT = f"{LORA_DIR}/{REPORT_NAME}"
+BASELINE_LORA_DIR = "lora-none"  # train.plain_baseline: the plain LoRA trained beside the projected one
 
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_TRAINABLE = "trainable.safetensors"

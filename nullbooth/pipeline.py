@@ -24,7 +24,7 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     from nullbooth.stats.build import build_covariance
     from nullbooth.stats.summary import format_summary as format_statistics
     from nullbooth.train.run import format_summary as format_training
-    from nullbooth.train.run import train
+    from nullbooth.train.run import train_all
 
     connect(config.ray)
     timings: dict[str, float] = {}
@@ -34,9 +34,10 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     announce(format_statistics(statistics))
 
     started = time.perf_counter()
-    training = train(config)
+    training = train_all(config)
     timings["training_s"] = time.perf_counter() - started
-    announce(format_training(training))
+    for summary in training:
+        announce(format_training(summary))
 
     started = time.perf_counter()
     report = generate(config)
@@ -49,4 +50,5 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
         if report.get(key):
             lines.append(f"  {label:12s} {report[key]}")
     announce("\n".join(lines))
-    return {"statistics": statistics, "training": training, "generation": report, "timings": timings}
+    return {"statistics": statistics, "training": training[0], "baseline_training": training[1:] or None,
+            "generation": report, "timings": timings}

@@ -173,7 +173,7 @@ def test_check_report_names_the_first_bad_field(runs):
         (lambda r: r["prompts"][1].update(latent_mse=-1.0),
          "report.prompts[1].latent_mse: expected a finite number ≥ 0, got float -1.0"),
         (lambda r: r["prompts"][0].update(kind="other"),
-         "report.prompts[0].kind: expected one of 'instance', 'holdout', 'custom', got str 'other'"),
+         "report.prompts[0].kind: expected one of 'instance', 'class', 'holdout', 'custom', got str 'other'"),
         (lambda r: r["null_space"]["layers"].update(x={"in_features": 4, "global": "2", "per_timestep": {},
                                                        "tau": None}),
          "report.null_space.layers.x.global: expected an integer, got str '2'"),

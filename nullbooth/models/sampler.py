@@ -40,14 +40,20 @@ def load_sampling_pipeline(config: Config, device: torch.device | str = "cpu", l
     return pipe
 
 
-def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0) -> None:
-    """Load a LoRA with stock `load_lora_weights` (not fused: a zero LoRA leaves every output bit-identical)."""
+def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> None:
+    """Load a LoRA with stock `load_lora_weights` (not fused: a zero LoRA leaves every output bit-identical) and make
+    it the active adapter; a pipeline may hold several, each under its own name (see `use_adapter`)."""
     run = RunDir(lora_dir)
     if not run.exists(LORA_WEIGHTS):
         raise NullBoothError(f"{run.uri(LORA_WEIGHTS)} does not exist: no LoRA to load")
     with _local_copy(run) as local:
-        pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(lora_scale)])
+        pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
+    use_adapter(pipe, adapter_name, lora_scale)
+
+
+def use_adapter(pipe, adapter_name: str, lora_scale: float = 1.0) -> None:
+    """Sample with exactly this one of the pipeline's LoRAs, at `lora_scale`."""
+    pipe.set_adapters([adapter_name], adapter_weights=[float(lora_scale)])
 
 
 class _local_copy:
@@ -100,12 +106,18 @@ class _SamplerActor:
     """A Ray Data callable class: holds one pipeline, samples each batch of (index, prompt, seed) rows."""
 
     def __init__(self, config: Config, lora_dir: str | None, lora_scale: float, num_cpus: float, has_gpu: bool,
-                 with_base: bool):
+                 with_base: bool, extra_loras: dict[str, str]):
         torch_threads_for(num_cpus)
         self.config = config
         self.with_base = with_base
+        self.lora_scale = lora_scale
+        self.extra = list(extra_loras)
         device = get_backend(config).device(has_gpu=has_gpu)
-        self.pipe = load_sampling_pipeline(config, device, lora_dir, lora_scale)
+        self.pipe = get_backend(config).load_pipeline(device)
+        for name, extra_dir in extra_loras.items():
+            apply_lora(self.pipe, extra_dir, lora_scale, adapter_name=name)
+        if lora_dir is not None:
+            apply_lora(self.pipe, lora_dir, lora_scale)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -117,17 +129,26 @@ class _SamplerActor:
             self.pipe.disable_lora()
             out["base_image"], out["base_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
             self.pipe.enable_lora()
+        for name in self.extra:  # the same batch again under each other LoRA (e.g. the plain-LoRA baseline)
+            use_adapter(self.pipe, name, self.lora_scale)
+            out[f"{name}_image"], out[f"{name}_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
+        if self.extra:
+            use_adapter(self.pipe, ADAPTER_NAME, self.lora_scale)
         out["image"], out["latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
         return out
 
 
 def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir: str | None = None,
                   lora_scale: float = 1.0, num_workers: int = 1, batch_size: int = 4,
-                  num_cpus: float = 1.0, num_gpus: float | None = None, with_base: bool = False) -> list[dict]:
+                  num_cpus: float = 1.0, num_gpus: float | None = None, with_base: bool = False,
+                  extra_loras: dict[str, str] | None = None) -> list[dict]:
     """Sample `prompts` (prompt i with `seeds[i]`) on a Ray Data actor pool of `num_workers` pipelines.
 
     `with_base` (needs `lora_dir`) adds "base_image" and "base_latent": the same batch sampled by the same actor
     with the LoRA switched off, so base and fine-tuned samples come from one pipeline per actor.
+
+    `extra_loras` {name: LoRA folder} (needs `lora_dir`) adds "<name>_image" and "<name>_latent": the same batch
+    sampled with each of those LoRAs instead of `lora_dir`'s.
 
     Returns, in input order, {"prompt", "seed", "image": uint8 (H, W, 3), "latent": float32 (C, h, w), the final
     latents before the VAE decode}. `num_gpus` per actor defaults to 1 when the cluster has GPUs and
@@ -144,22 +165,25 @@ def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir
         return []
     if not ray.is_initialized():
         raise RuntimeError("sample_images needs a connected Ray (nullbooth.cluster.connect)")
-    if with_base and lora_dir is None:
-        raise ValueError("sample_images: with_base needs lora_dir")
+    extra_loras = dict(extra_loras or {})
+    if (with_base or extra_loras) and lora_dir is None:
+        raise ValueError("sample_images: with_base and extra_loras need lora_dir")
     if num_gpus is None:
         num_gpus = 1.0 if config.model.device != "cpu" and cluster_has_gpu() else 0.0
     rows = [{"index": i, "prompt": p, "seed": int(s)} for i, (p, s) in enumerate(zip(prompts, seeds))]
     dataset = ray.data.from_items(rows).map_batches(
         _SamplerActor,
         fn_constructor_kwargs={"config": config, "lora_dir": lora_dir, "lora_scale": lora_scale,
-                               "num_cpus": num_cpus, "has_gpu": num_gpus > 0, "with_base": with_base},
+                               "num_cpus": num_cpus, "has_gpu": num_gpus > 0, "with_base": with_base,
+                               "extra_loras": extra_loras},
         batch_size=batch_size, batch_format="numpy",
         concurrency=min(num_workers, len(rows)),  # a callable class: a fixed pool of this many actors
         num_cpus=num_cpus, num_gpus=num_gpus)
     results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
     if [int(r["index"]) for r in results] != list(range(len(rows))):
         raise RuntimeError("sample_images: Ray Data returned an incomplete result")  # an invariant, not a user error
-    keys = ("image", "latent", "base_image", "base_latent") if with_base else ("image", "latent")
+    variants = [""] + (["base_"] if with_base else []) + [f"{name}_" for name in extra_loras]
+    keys = [f"{v}{kind}" for v in variants for kind in ("image", "latent")]
     return [{"prompt": prompts[i], "seed": int(seeds[i]),
              **{k: np.asarray(r[k], dtype=np.uint8 if k.endswith("image") else np.float32) for k in keys}}
             for i, r in enumerate(results)]

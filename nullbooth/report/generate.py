@@ -21,9 +21,10 @@ import torch
 from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import (
+    BASELINE_LORA_DIR,
     LATENTS,
     LORA_DIR,
-    LORA_FILE,
+    LORA_WEIGHTS,
     sample_file,
     single_prompt_file,
 )
@@ -33,12 +34,13 @@ from nullbooth.report.plots import image_grid
 from nullbooth.storage import RunDir, png_bytes
 
 
-def require_lora(run: RunDir) -> str:
+def require_lora(run: RunDir, lora_dir: str = LORA_DIR) -> str:
     """The run's LoRA folder; a NullBoothError when it holds no trained LoRA."""
-    if not run.exists(LORA_FILE):
-        raise NullBoothError(f"{run.uri(LORA_FILE)} does not exist: {run.uri()} has no trained LoRA "
+    rel = f"{lora_dir}/{LORA_WEIGHTS}"
+    if not run.exists(rel):
+        raise NullBoothError(f"{run.uri(rel)} does not exist: {run.uri()} has no trained LoRA there "
                              "(run `nullbooth train CONFIG` first)")
-    return run.uri(LORA_DIR)
+    return run.uri(lora_dir)
 
 
 def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
@@ -49,6 +51,7 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     config = with_absolute_paths(config)  # actors run elsewhere than the driver's cwd
     run = RunDir(config.run_dir)
     lora_dir = require_lora(run)
+    plain_dir = require_lora(run, BASELINE_LORA_DIR) if config.train.plain_baseline else None
     if prompt is not None:
         return generate_one(config, run, lora_dir, prompt)
     from nullbooth.cluster import connect
@@ -57,7 +60,7 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     plan = plan_prompts(config, run)
     baseline = read_baseline(config)  # a wrong baseline_run fails now, not after sampling
     connect(config.ray)
-    samples = sample_pairs(config, lora_dir, plan)
+    samples = sample_pairs(config, lora_dir, plan, plain_dir)
     write_samples(run, samples)
     summary = write_report(config, run, samples, baseline)
     summary["prompts"] = len(samples)
@@ -74,13 +77,15 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  grid:   {summary['grid']}\n  report: {summary['report']}\n  page:   {summary['report_md']}")
 
 
-def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]]) -> list[PromptSamples]:
-    """Base and fine-tuned samples of every planned prompt from one actor pool, grouped per prompt."""
+def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]],
+                 plain_dir: str | None = None) -> list[PromptSamples]:
+    """Base and fine-tuned (and plain-LoRA) samples of every planned prompt from one actor pool, grouped per
+    prompt: every actor samples each batch under each model, so all see identical batches and seeds."""
     rows = [(j, prompt, seed) for j, (prompt, _) in enumerate(plan) for seed in seeds_for(config, j)]
     g = config.generate
     results = sample_images(config, [p for _, p, _ in rows], [s for _, _, s in rows], lora_dir=lora_dir,
                             lora_scale=g.lora_scale, num_workers=g.num_workers, batch_size=g.batch_size,
-                            with_base=True)
+                            with_base=True, extra_loras={"plain": plain_dir} if plain_dir else None)
     samples = [PromptSamples(prompt, kind) for prompt, kind in plan]
     for (j, _, seed), result in zip(rows, results):
         entry = samples[j]
@@ -89,6 +94,9 @@ def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]]) -> 
         entry.finetuned.append(result["image"])
         entry.base_latents.append(result["base_latent"])
         entry.finetuned_latents.append(result["latent"])
+        if plain_dir:
+            entry.plain.append(result["plain_image"])
+            entry.plain_latents.append(result["plain_latent"])
     return samples
 
 
@@ -96,14 +104,15 @@ def write_samples(run: RunDir, samples: list[PromptSamples]) -> None:
     """Every image as a PNG (its run-relative path is recorded in the entry) and all final latents as safetensors."""
     for j, entry in enumerate(samples):
         for images, files, which in ((entry.base, entry.base_files, "base"),
-                                     (entry.finetuned, entry.finetuned_files, "finetuned")):
+                                     (entry.finetuned, entry.finetuned_files, "finetuned"),
+                                     (entry.plain, entry.plain_files, "plain")):
             files.clear()
             for seed, image in zip(entry.seeds, images):
                 rel = sample_file(which, j, slug(entry.prompt), seed)
                 run.write_bytes(rel, png_bytes(image))
                 files.append(rel)
-    latents = {"base": torch.from_numpy(np.stack([lat for e in samples for lat in e.base_latents])),
-               "finetuned": torch.from_numpy(np.stack([lat for e in samples for lat in e.finetuned_latents]))}
+    latents = {which: torch.from_numpy(np.stack([lat for e in samples for lat in getattr(e, f"{which}_latents")]))
+               for which in ("base", "finetuned", "plain") if getattr(samples[0], f"{which}_latents")}
     index = [{"prompt": e.prompt, "seed": s} for e in samples for s in e.seeds]
     run.write_tensors(LATENTS, latents, metadata={"rows": json.dumps(index)})
 

@@ -18,13 +18,13 @@ from nullbooth.errors import NullBoothError
 from nullbooth.storage import RunDir
 
 SEED_STRIDE = 1000  # seed of image i of prompt j: generate.seed + SEED_STRIDE·j + i
-KINDS = ("instance", "holdout", "custom")
+KINDS = ("instance", "class", "holdout", "custom")
 
 
 @dataclass
 class PromptSamples:
-    """One prompt's samples: the base and fine-tuned images (uint8 H×W×3) and final latents, image i with seeds[i];
-    `base_files` / `finetuned_files` are the run-relative PNG paths once written."""
+    """One prompt's samples: the base and fine-tuned images (uint8 H×W×3) and final latents, image i with seeds[i],
+    and the plain-LoRA baseline's when the run trains one; `*_files` are the run-relative PNG paths once written."""
 
     prompt: str
     kind: str
@@ -35,6 +35,9 @@ class PromptSamples:
     finetuned_latents: list[np.ndarray] = field(default_factory=list)
     base_files: list[str] = field(default_factory=list)
     finetuned_files: list[str] = field(default_factory=list)
+    plain: list[np.ndarray] = field(default_factory=list)  # the plain-LoRA baseline (train.plain_baseline)
+    plain_latents: list[np.ndarray] = field(default_factory=list)
+    plain_files: list[str] = field(default_factory=list)
 
 
 def seed_rule(config: Config) -> str:
@@ -65,11 +68,14 @@ def holdout_prompts(config: Config, run: RunDir) -> list[str]:
 
 
 def plan_prompts(config: Config, run: RunDir) -> list[tuple[str, str]]:
-    """[(prompt, kind)] with kind 'instance', 'holdout' (drift is measured on these) or 'custom'."""
+    """[(prompt, kind)] with kind 'instance', 'class' (language drift: the class prompt must not turn into the
+    subject), 'holdout' (drift is measured on these) or 'custom'."""
     held = holdout_prompts(config, run)
     variants = instance_variants(config.train.instance_prompt)
+    klass = [config.train.class_prompt] if config.train.class_prompt else []
     if config.generate.prompts is None:
-        return [(p, "instance") for p in variants] + [(p, "holdout") for p in held if p not in variants]
+        return ([(p, "instance") for p in variants] + [(p, "class") for p in klass if p not in variants]
+                + [(p, "holdout") for p in held if p not in variants + klass])
     if not config.generate.prompts:
         raise NullBoothError("generate.prompts: the list is empty; give at least one prompt, or leave "
                              "generate.prompts unset for the instance-prompt variants and the held-out prompts")
@@ -77,7 +83,7 @@ def plan_prompts(config: Config, run: RunDir) -> list[tuple[str, str]]:
         if not prompt.strip():
             raise NullBoothError(f"generate.prompts[{i}]: the prompt is empty")
     held_set = set(held)
-    return [(p, "holdout" if p in held_set else "instance" if p in variants else "custom")
+    return [(p, "holdout" if p in held_set else "instance" if p in variants else "class" if p in klass else "custom")
             for p in config.generate.prompts]
 
 

@@ -16,7 +16,7 @@ from nullbooth.storage import png_bytes
 
 GRID_CELL = 128  # tiny 32x32 samples are upscaled (NEAREST: no invented detail); SD's 512px ones shrunk to 256
 MAX_CELL = 256
-KIND_COLORS = {"instance": "#d95f02", "holdout": "#1b9e77", "custom": "#7570b3"}
+KIND_COLORS = {"instance": "#d95f02", "class": "#e7298a", "holdout": "#1b9e77", "custom": "#7570b3"}
 
 
 def short_layer(name: str) -> str:
@@ -60,18 +60,20 @@ def _cell(image: np.ndarray) -> Image.Image:
     return img
 
 
-def image_grid(rows: list, title: str = "") -> bytes:
-    """Rows = prompts, columns = base images then fine-tuned images, labelled.
+def image_grid(rows: list, title: str = "", columns: dict[str, str] | None = None) -> bytes:
+    """Rows = prompts, column groups = models (base, fine-tuned, ...), each group one cell per seed, labelled.
 
-    rows: records with .prompt, .kind, .base and .finetuned ([uint8 HxWx3, ...], the same count in every row),
-    such as nullbooth.report.plan.PromptSamples.
+    rows: records with .prompt, .kind and one list of uint8 HxWx3 images per column group (the same count in every
+    group), such as nullbooth.report.plan.PromptSamples. columns: {attribute: label}, in order (default: base and
+    fine-tuned).
     """
-    n = len(rows[0].base)
-    cells = [[_cell(a) for a in row.base] + [_cell(a) for a in row.finetuned] for row in rows]
+    columns = columns or {"base": "base", "finetuned": "fine-tuned"}
+    n = len(getattr(rows[0], next(iter(columns))))
+    cells = [[_cell(a) for attr in columns for a in getattr(row, attr)] for row in rows]
     cw, ch = cells[0][0].size
-    pad, label_w, header_h = 6, 260, 46 if title else 26
+    pad, gap, label_w, header_h = 6, 10, 260, 46 if title else 26
     font, small, bold = _font(14), _font(12), _font(16)
-    width = label_w + 2 * n * (cw + pad) + pad + 10  # a gap between base and fine-tuned columns
+    width = label_w + len(columns) * (n * (cw + pad) + gap) + pad
     if title:
         width = max(width, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=bold)) + 2 * pad)
     height = header_h + len(rows) * (ch + pad) + pad
@@ -79,10 +81,9 @@ def image_grid(rows: list, title: str = "") -> bytes:
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, 4), title, fill="black", font=bold)
-    col_x = [label_w + j * (cw + pad) + (10 if j >= n else 0) for j in range(2 * n)]
-    top = header_h - 22
-    draw.text((col_x[0], top), "base", fill="black", font=font)
-    draw.text((col_x[n], top), "fine-tuned", fill="black", font=font)
+    col_x = [label_w + j * (cw + pad) + (j // n) * gap for j in range(len(columns) * n)]  # a gap between groups
+    for g, label in enumerate(columns.values()):
+        draw.text((col_x[g * n], header_h - 22), label, fill="black", font=font)
     for r, (row, row_cells) in enumerate(zip(rows, cells)):
         y = header_h + r * (ch + pad)
         kind = row.kind

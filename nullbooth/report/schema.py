@@ -9,12 +9,14 @@ from nullbooth.errors import NullBoothError
 from nullbooth.layout import REPORT_JSON
 from nullbooth.storage import RunDir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: class prompts, the plain-LoRA baseline's samples, the toy-world probe's scores
 
 # -- the schema of report.json -----------------------------------------------------------------------------------
 # A spec is "int", "number", "nonneg" (number ≥ 0), "str", a dict {key: spec} (exactly these keys), or a tuple
 # ("list", spec), ("map", spec) (str keys), ("nullable", spec), ("enum", value, ...).
 _DRIFT_MEAN = {"prompts": "int", "latent_mse": "nonneg", "pixel_mse": "nonneg", "pixel_psnr_db": ("nullable", "number")}
+_DRIFT = {"latent_mse": "nonneg", "pixel_mse": "nonneg", "pixel_psnr_db": ("nullable", "number")}
+_SHARES = {"images": "int", "base": "nonneg", "finetuned": "nonneg", "plain": ("nullable", "nonneg")}
 _LAYER_DIMS = {"in_features": "int", "global": "int", "per_timestep": ("map", "int"), "tau": ("nullable", "number")}
 REPORT_SCHEMA: dict[str, Any] = {
     "format_version": "int",
@@ -25,9 +27,9 @@ REPORT_SCHEMA: dict[str, Any] = {
                  "width": "int", "seed_rule": "str"},
     "projection_mode": "str",
     "lora_scale": "number",
-    "prompts": ("list", {"prompt": "str", "kind": ("enum", "instance", "holdout", "custom"), "seeds": ("list", "int"),
-                         "base": ("list", "str"), "finetuned": ("list", "str"), "latent_mse": "nonneg",
-                         "pixel_mse": "nonneg", "pixel_psnr_db": ("nullable", "number")}),
+    "prompts": ("list", {"prompt": "str", "kind": ("enum", "instance", "class", "holdout", "custom"),
+                         "seeds": ("list", "int"), "base": ("list", "str"), "finetuned": ("list", "str"), **_DRIFT,
+                         "plain": ("nullable", {"files": ("list", "str"), **_DRIFT})}),
     "drift": {"definition": "str", "holdout": ("nullable", _DRIFT_MEAN), "instance": ("nullable", _DRIFT_MEAN)},
     "preservation": ("nullable", {"source": "str", "mode": ("nullable", "str"), "overall": ("nullable", "nonneg"),
                                   "max": ("nullable", "nonneg"), "per_layer": ("map", ("nullable", "nonneg")),
@@ -40,6 +42,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                               "preservation_overall": ("nullable", "nonneg"),
                               "preservation_per_timestep": ("map", ("nullable", "nonneg")),
                               "drift_holdout": ("nullable", _DRIFT_MEAN)}),
+    "probe": ("nullable", {"definition": "str", "concept_accuracy": ("nullable", _SHARES),
+                           "subject_fidelity": ("nullable", _SHARES), "class_as_subject": ("nullable", _SHARES)}),
     "files": {"grid": "str", "report_md": "str", "latents": "str", "plots": ("map", "str")},
 }
 

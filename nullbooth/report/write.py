@@ -25,10 +25,13 @@ import numpy as np
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import (
+    BASELINE_LORA_DIR,
     GRID,
     LATENTS,
+    LORA_DIR,
     REPORT_JSON,
     REPORT_MD,
+    REPORT_NAME,
     TRAIN_REPORT,
     plot_file,
 )
@@ -42,6 +45,7 @@ from nullbooth.report.plots import (
     preservation_plot,
     spectrum_plot,
 )
+from nullbooth.report.probe import probe_section
 from nullbooth.report.schema import FORMAT_VERSION, check_report, read_report
 from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir
@@ -54,22 +58,23 @@ def _finite(value: Any) -> float | None:
     return None
 
 
-def read_preservation(run: RunDir) -> dict | None:
-    """The training stage's preservation errors (lora/report.json), normalised; None when training left none.
+def read_preservation(run: RunDir, lora_dir: str = LORA_DIR) -> dict | None:
+    """The training stage's preservation errors (<lora_dir>/report.json), normalised; None when training left none.
 
     The errors sit under "preservation" (as the training stage writes them) or at the top level; per_timestep
     entries are either a number or {"overall": ..., "per_layer": ...}.
     """
-    if not run.exists(TRAIN_REPORT):
+    source = f"{lora_dir}/{REPORT_NAME}"
+    if not run.exists(source):
         return None
-    raw = run.read_json(TRAIN_REPORT)
+    raw = run.read_json(source)
     if not isinstance(raw, dict):
-        raise NullBoothError(f"{run.uri(TRAIN_REPORT)}: expected a JSON object")
+        raise NullBoothError(f"{run.uri(source)}: expected a JSON object")
     errors = raw["preservation"] if isinstance(raw.get("preservation"), dict) else (
         {} if "preservation" in raw else raw)  # "preservation": null: trained without statistics (mode none)
     per_t = {str(t): _finite(v.get("overall") if isinstance(v, dict) else v)
              for t, v in (errors.get("per_timestep") or {}).items()}
-    return {"source": TRAIN_REPORT, "mode": raw.get("mode") if isinstance(raw.get("mode"), str) else None,
+    return {"source": source, "mode": raw.get("mode") if isinstance(raw.get("mode"), str) else None,
             "overall": _finite(errors.get("overall")), "max": _finite(errors.get("max")),
             "per_layer": {str(k): _finite(v) for k, v in (errors.get("per_layer") or {}).items()},
             "per_timestep": per_t, "unprotected": [str(n) for n in raw.get("unprotected") or []]}
@@ -90,6 +95,28 @@ def null_space_section(manifest: Manifest | None) -> dict | None:
               for name in manifest.image_layers}
     return {"threshold": dict(manifest.threshold), "timesteps": list(manifest.timesteps), "text": text,
             "layers": layers}
+
+
+def plain_baseline(run: RunDir, prompts: list[dict]) -> dict | None:
+    """The baseline section for the plain LoRA trained beside this run's (train.plain_baseline): its preservation
+    errors and its drift on the held-out prompts; None when the samples have no plain-LoRA images."""
+    if not prompts or prompts[0]["plain"] is None:
+        return None
+    preservation = read_preservation(run, BASELINE_LORA_DIR) or {}
+    return {"run_dir": run.uri(BASELINE_LORA_DIR), "mode": preservation.get("mode") or "none",
+            "preservation_overall": preservation.get("overall"),
+            "preservation_per_timestep": preservation.get("per_timestep", {}),
+            "drift_holdout": mean_drift([p["plain"] for p in prompts if p["kind"] == "holdout"]),
+            "_prompts": [{**p, **p["plain"]} for p in prompts]}  # for the drift plot only, dropped before writing
+
+
+def _prompt_entry(e: PromptSamples) -> dict[str, Any]:
+    drift = drift_metrics(e.base_latents, e.finetuned_latents, e.base, e.finetuned)
+    plain = None
+    if e.plain:
+        plain = {"files": list(e.plain_files), **drift_metrics(e.base_latents, e.plain_latents, e.base, e.plain)}
+    return {"prompt": e.prompt, "kind": e.kind, "seeds": [int(s) for s in e.seeds], "base": list(e.base_files),
+            "finetuned": list(e.finetuned_files), **drift, "plain": plain}
 
 
 def read_baseline(config: Config) -> dict | None:
@@ -120,12 +147,8 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
     """
     from nullbooth.stats.manifest import has_manifest, read_manifest
 
-    baseline = baseline if baseline is not None else read_baseline(config)
-    prompts = []
-    for e in samples:
-        drift = drift_metrics(e.base_latents, e.finetuned_latents, e.base, e.finetuned)
-        prompts.append({"prompt": e.prompt, "kind": e.kind, "seeds": [int(s) for s in e.seeds],
-                        "base": list(e.base_files), "finetuned": list(e.finetuned_files), **drift})
+    prompts = [_prompt_entry(e) for e in samples]
+    baseline = baseline if baseline is not None else (plain_baseline(run, prompts) or read_baseline(config))
     manifest = read_manifest(run) if has_manifest(run) else None
     preservation = read_preservation(run)
     height, width = samples[0].base[0].shape[:2]
@@ -145,11 +168,10 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
         "preservation": preservation,
         "null_space": null_space_section(manifest),
         "baseline": {k: v for k, v in baseline.items() if not k.startswith("_")} if baseline else None,
+        "probe": probe_section(config, samples),
         "files": files,
     }
-    run.write_bytes(files["grid"], image_grid(samples, title=f"{run.uri()}: base vs fine-tuned "
-                                                           f"({config.projection.mode}, LoRA scale "
-                                                           f"{config.generate.lora_scale:g})"))
+    run.write_bytes(files["grid"], _grid(config, run, samples))
     for name, data in _plots(config, run, report, manifest, baseline).items():
         rel = plot_file(name)
         run.write_bytes(rel, data)
@@ -163,6 +185,15 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
             "report_md": run.uri(REPORT_MD),
             "plots": {k: run.uri(v) for k, v in files["plots"].items()}, "drift": report["drift"]["holdout"],
             "drift_instance": report["drift"]["instance"]}
+
+
+def _grid(config: Config, run: RunDir, samples: list[PromptSamples]) -> bytes:
+    columns = {"base": "base", "finetuned": f"fine-tuned ({config.projection.mode})"}
+    if samples[0].plain:
+        columns["plain"] = "plain LoRA (none)"
+    title = (f"{run.uri()}: base vs fine-tuned ({config.projection.mode}"
+             + (" and plain LoRA" if samples[0].plain else "") + f", LoRA scale {config.generate.lora_scale:g})")
+    return image_grid(samples, title=title, columns=columns)
 
 
 def _plots(config: Config, run: RunDir, report: dict, manifest: Manifest | None,

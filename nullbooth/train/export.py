@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nullbooth.layout import LORA_DIR, LORA_FILE, TRAIN_REPORT
+from nullbooth.layout import LORA_DIR
 from nullbooth.layout import LORA_WEIGHTS as WEIGHTS
 from nullbooth.layout import REPORT_NAME as REPORT
 from nullbooth.storage import RunDir
@@ -44,12 +44,12 @@ def save_lora(pipeline_class: type, directory: str | Path, pairs: dict[str, Lora
                                      safe_serialization=True, unet_lora_adapter_metadata=lora_config)
 
 
-def publish(run: RunDir, checkpoint_dir: str | Path) -> str:
-    """Copy a checkpoint's LoRA and report into `run_dir/lora/`; returns its location."""
+def publish(run: RunDir, checkpoint_dir: str | Path, lora_dir: str = LORA_DIR) -> str:
+    """Copy a checkpoint's LoRA and report into `run_dir/<lora_dir>/` (default lora/); returns its location."""
     source = Path(checkpoint_dir)
-    run.write_bytes(LORA_FILE, (source / LORA_DIR / WEIGHTS).read_bytes())
-    run.write_bytes(TRAIN_REPORT, (source / REPORT).read_bytes())  # last: it marks the LoRA complete
-    return run.uri(LORA_DIR)
+    run.write_bytes(f"{lora_dir}/{WEIGHTS}", (source / LORA_DIR / WEIGHTS).read_bytes())
+    run.write_bytes(f"{lora_dir}/{REPORT}", (source / REPORT).read_bytes())  # last: it marks the LoRA complete
+    return run.uri(lora_dir)
 
 
 def local_checkpoint_copy(checkpoint) -> tuple[str, Any]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,15 @@ from nullbooth.cluster import connect
 from nullbooth.config import Config, with_absolute_paths
 from nullbooth.errors import NullBoothError, user_error
 from nullbooth.formatting import number
-from nullbooth.layout import CHECKPOINT_STATE, MANIFEST, REPORT_NAME, TRAIN_DIR, is_uri
+from nullbooth.layout import (
+    BASELINE_LORA_DIR,
+    CHECKPOINT_STATE,
+    LORA_DIR,
+    MANIFEST,
+    REPORT_NAME,
+    TRAIN_DIR,
+    is_uri,
+)
 from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir
@@ -38,8 +47,24 @@ from nullbooth.train.projection import ProjectionPlan, plan_projection
 log = logging.getLogger(__name__)
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Train the LoRA of `config` (resuming or returning at once when its run name has progress); returns a summary."""
+def train_all(config: Config) -> list[dict[str, Any]]:
+    """The LoRA of `config` and, with train.plain_baseline, the plain LoRA beside it; their summaries."""
+    summaries = [train(config)]
+    if config.train.plain_baseline:
+        summaries.append(train(plain_baseline_config(config), lora_dir=BASELINE_LORA_DIR))
+    return summaries
+
+
+def plain_baseline_config(config: Config) -> Config:
+    """The same training with projection.mode none, under its own Ray Train name (so each resumes on its own)."""
+    return dataclasses.replace(config, projection=dataclasses.replace(config.projection, mode="none"),
+                               train=dataclasses.replace(config.train, name=f"{config.train.name}-none",
+                                                         plain_baseline=False))
+
+
+def train(config: Config, lora_dir: str = LORA_DIR) -> dict[str, Any]:
+    """Train the LoRA of `config` (resuming or returning at once when its run name has progress) and publish it to
+    run_dir/<lora_dir>/; returns a summary."""
     config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
     tc = config.train
@@ -73,14 +98,14 @@ def train(config: Config) -> dict[str, Any]:
     finished = _finished_checkpoint(experiment, signature, tc.max_train_steps)
     if finished is not None:
         log.info("%s already reached step %d: re-exporting its checkpoint", experiment, tc.max_train_steps)
-        return _summarize(config, run, finished, started, already_finished=True)
+        return _summarize(run, finished, started, already_finished=True, lora_dir=lora_dir)
 
     instance = stack_images([img for _, img in images], resolution)
     klass = stack_images(ensure_class_images(config), resolution) if tc.with_prior_preservation else None
     loop_config = {"config": config, "plan": plan, "signature": signature, "experiment": experiment,
                    "instance_images": ray.put(instance), "class_images": ray.put(klass) if klass is not None else None}
     result = _fit(config, loop_config)
-    return _summarize(config, run, result.checkpoint, started, already_finished=False)
+    return _summarize(run, result.checkpoint, started, already_finished=False, lora_dir=lora_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,12 +243,12 @@ def _finished_checkpoint(experiment: str, signature: dict[str, Any], max_train_s
 # Export and summary
 
 
-def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_finished: bool) -> dict[str, Any]:
+def _summarize(run: RunDir, checkpoint, started: float, already_finished: bool, lora_dir: str) -> dict[str, Any]:
     import json
 
     directory, cleanup = local_checkpoint_copy(checkpoint)
     try:
-        lora_dir = publish(run, directory)
+        lora_dir = publish(run, directory, lora_dir)
         with open(os.path.join(directory, REPORT_NAME)) as f:
             report = json.load(f)
     finally:
