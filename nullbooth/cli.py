@@ -81,6 +81,12 @@ def _tiny_model(config: None, args: argparse.Namespace) -> None:
     print(build_tiny_model(args.out_dir, backend=args.backend))
 
 
+def _toy_model_train(config: None, args: argparse.Namespace) -> None:
+    from nullbooth.models.toyworld.recipe import train_toy_model
+
+    print(train_toy_model(args.out_dir, seed=args.seed, overwrite=args.overwrite))
+
+
 def _build_cov(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.stats.build import build_covariance
     from nullbooth.stats.summary import format_summary
@@ -129,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("tiny-model", _tiny_model, "build the embedded tiny model into a folder", config=None)
     p.add_argument("out_dir")
     p.add_argument("--backend", choices=("sd", "lcm"), default="sd")
+    toy = sub.add_parser("toy-model", help="the toy-world model: train it", description="the toy-world model")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    p = toy_sub.add_parser("train", help="train the toy-world model (probe, VAE, UNet) into a folder, seeded, on CPU",
+                           description="Train the toy-world model into OUT_DIR: a stock diffusers folder with its "
+                                       "probe and provenance.json (about 30 minutes on 2 CPU cores).")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(handler=_toy_model_train, reads_config=False, parser=p)
     p = command("build-cov", _build_cov, "stage 1: key covariances and null-space bases")
     p.add_argument("--force", action="store_true", help="overwrite a complete run made with another config")
     command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")

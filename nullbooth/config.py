@@ -44,7 +44,8 @@ class RayConfig:
 @dataclass
 class ModelConfig:
     backend: str = _f("sd", "model family", choices=("sd", "lcm"))
-    path: str = _f("tiny", "local diffusers folder, hub id, or the embedded 'tiny' / 'tiny-lcm'")
+    path: str = _f("tiny", "local diffusers folder, hub id, or an embedded model: 'toy' (trained on a toy world) or "
+                           "'tiny' / 'tiny-lcm' (random weights)")
     revision: str | None = _f(None, "hub revision (hub ids only)")
     dtype: str = _f("float32", "weights dtype for statistics and generation", choices=("float32", "float16", "bfloat16"))
     device: str = _f("auto", "where actors run the model: auto (cuda when the actor has a GPU), cpu or cuda",
@@ -65,7 +66,8 @@ class SamplingConfig:
 
 @dataclass
 class PreserveConfig:
-    prompts_file: str = _f("demo", "preserved prompts, one per line, '#' comments; 'demo' = the packaged list")
+    prompts_file: str = _f("demo", "preserved prompts, one per line, '#' comments; 'demo' = the packaged list "
+                                   "(for model 'toy': captions of its world)")
     max_prompts: int | None = _f(None, "use only the first N prompts (unset: all)", min=1)
     holdout: int = _f(16, "last N prompts of the file are held out of the statistics for the drift report", min=0)
 

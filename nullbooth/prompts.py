@@ -13,6 +13,8 @@ from nullbooth.errors import NullBoothError
 
 # Shipped with the package (see pyproject's package-data), used by the demo configs.
 DEMO_PROMPTS_FILE: Path = Path(__file__).resolve().parent / "data" / "preserve_prompts.txt"
+# The toy-world model's preserved prompts: captions of its world (written by nullbooth.models.toyworld.world).
+TOY_PROMPTS_FILE: Path = Path(__file__).resolve().parent / "data" / "toy_prompts.txt"
 
 # The demo's DreamBooth prompts: the rare token "sks" names the drawn subject, a teapot (models/subject.py).
 DEMO_INSTANCE_PROMPT = "a photo of sks teapot"
@@ -40,10 +42,11 @@ def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> lis
     return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
-def resolve_prompts_file(value: str) -> Path:
-    """The prompts file a config names: "demo" is the shipped list, anything else a local path."""
+def resolve_prompts_file(value: str, model_path: str = "tiny") -> Path:
+    """The prompts file a config names: "demo" is the shipped list for the model (the toy model's own captions for
+    `toy`, the general list otherwise), anything else a local path."""
     if value == "demo":
-        return DEMO_PROMPTS_FILE
+        return TOY_PROMPTS_FILE if model_path == "toy" else DEMO_PROMPTS_FILE
     path = Path(value).expanduser()
     if not path.is_file():
         raise NullBoothError(f"prompts file {value!r}: no such file (use 'demo' for the shipped prompt list)")
@@ -52,7 +55,7 @@ def resolve_prompts_file(value: str) -> Path:
 
 def preserved_prompts(config: Config) -> tuple[list[str], list[str]]:
     """(prompts measured, prompts held out): the file's first `max_prompts`, the last `holdout` of them held out."""
-    path = resolve_prompts_file(config.preserve.prompts_file)
+    path = resolve_prompts_file(config.preserve.prompts_file, config.model.path)
     prompts = read_prompts(path, config.preserve.max_prompts)
     holdout = config.preserve.holdout
     kept, held = (prompts[:-holdout], prompts[-holdout:]) if holdout else (prompts, [])

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.models.toyworld import PROMPTS_FILE, WEIGHTS_DIR, world
+from nullbooth.models.toyworld import WEIGHTS_DIR, world
 from nullbooth.models.toyworld import probe as probe_mod
 from nullbooth.models.toyworld.evaluate import concept_accuracy, subject_fidelity
 from nullbooth.models.toyworld.provenance import digest_tree
+from nullbooth.prompts import DEMO_INSTANCE_PROMPT
 
 
 def _pixels(img) -> np.ndarray:
@@ -44,7 +45,7 @@ def test_captions_parse_back_to_the_drawn_concepts():
             partial += 1
         assert "teal" not in scene.caption and "sks" not in scene.caption
     assert full > 250 and partial > 40
-    assert world.parse_caption(world.DEMO_INSTANCE_PROMPT) == ("teapot", None, None)
+    assert world.parse_caption(DEMO_INSTANCE_PROMPT) == ("teapot", None, None)
     assert world.parse_caption("a photo of an orange star on a sky background") == ("star", "orange", "sky")
 
 
@@ -63,10 +64,15 @@ def test_held_out_combos_never_reach_training():
     assert all(world.parse_caption(p) in held for p in drift)
 
 
-def test_prompts_file_equals_generator():
-    assert PROMPTS_FILE.read_text(encoding="utf-8") == world.prompts_file_text()
-    lines = [s for s in PROMPTS_FILE.read_text().splitlines() if s and not s.startswith("#")]
-    assert lines == world.preserved_prompts() and 200 <= len(lines) <= 600
+def test_prompts_file_equals_generator_and_holds_out_the_drift_captions_last():
+    from nullbooth.config import load_config
+    from nullbooth.prompts import TOY_PROMPTS_FILE, preserved_prompts
+
+    assert TOY_PROMPTS_FILE.read_text(encoding="utf-8") == world.prompts_file_text()
+    lines = [s for s in TOY_PROMPTS_FILE.read_text().splitlines() if s and not s.startswith("#")]
+    assert lines == world.preserved_prompts() + world.drift_prompts(64) and 200 <= len(lines) <= 600
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml")
+    assert preserved_prompts(config) == (world.preserved_prompts(), world.drift_prompts(64))
 
 
 def test_tokenizer_is_word_level():
@@ -79,8 +85,8 @@ def test_tokenizer_is_word_level():
     tok = build_tokenizer(16)
     for word in vocabulary_words():
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
-    ids = tok(world.DEMO_INSTANCE_PROMPT, add_special_tokens=False).input_ids
-    assert len(ids) == len(world.DEMO_INSTANCE_PROMPT.split())
+    ids = tok(DEMO_INSTANCE_PROMPT, add_special_tokens=False).input_ids
+    assert len(ids) == len(DEMO_INSTANCE_PROMPT.split())
     enc = build_text_encoder(tok, width=32, layers=1, seed=0)
     assert enc.config.max_position_embeddings == tok.model_max_length == 16
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from nullbooth.errors import NullBoothError
 from nullbooth.models.cache import build_once, cache_dir
+from nullbooth.models.toyworld.world import draw_teapot
 
 SUBJECT_FORMAT_VERSION = 1  # bump when the drawing changes: the cache lives in "subject-v<FORMAT>"
 
@@ -26,18 +27,6 @@ _TEAL_DARK = (8, 92, 98)
 _ORANGE = (245, 130, 25)
 _YELLOW = (250, 215, 40)
 _YELLOW_DARK = (190, 150, 10)
-
-# Dot centres and radii relative to the body ellipse (unit circle), fixed: they are part of the object's identity.
-_DOTS = (
-    (-0.55, -0.25, 0.13),
-    (-0.1, -0.45, 0.12),
-    (0.4, -0.2, 0.13),
-    (-0.35, 0.3, 0.12),
-    (0.15, 0.2, 0.14),
-    (0.6, 0.4, 0.1),
-    (-0.7, 0.15, 0.08),
-    (0.05, 0.65, 0.1),
-)
 
 # Backgrounds that contrast with a teal object.
 _BACKGROUNDS = (
@@ -55,32 +44,9 @@ _SUPERSAMPLE = 4  # draw large and downscale: antialiased edges at any output si
 
 
 def _draw_teapot(side: int) -> Image.Image:
-    """The teapot, upright, spout to the right, on a transparent square canvas of `side` pixels."""
-    img = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    d = ImageDraw.Draw(img)
-    s = side / 100.0  # drawn in a 100x100 coordinate system
-    outline = max(1, round(1.5 * s))
-
-    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-        return [x0 * s, y0 * s, x1 * s, y1 * s]
-
-    # Handle (left): a thick ring, drawn first so the body covers its inner half.
-    d.ellipse(box(8, 36, 38, 74), outline=_TEAL_DARK, width=round(6 * s))
-    # Spout (right): a tapered polygon rising from the body.
-    d.polygon([(p[0] * s, p[1] * s) for p in ((70, 58), (93, 30), (98, 33), (78, 72))], fill=_TEAL, outline=_TEAL_DARK)
-    # Foot.
-    d.rectangle(box(34, 82, 66, 89), fill=_TEAL_DARK)
-    # Body.
-    cx, cy, rx, ry = 50.0, 60.0, 28.0, 25.0
-    d.ellipse(box(cx - rx, cy - ry, cx + rx, cy + ry), fill=_TEAL, outline=_TEAL_DARK, width=outline)
-    for u, v, r in _DOTS:
-        x, y, rr = cx + u * rx, cy + v * ry, r * rx
-        d.ellipse(box(x - rr, y - rr, x + rr, y + rr), fill=_ORANGE)
-    # Lid and knob.
-    d.chord(box(32, 28, 68, 48), start=180, end=360, fill=_YELLOW, outline=_YELLOW_DARK, width=outline)
-    d.rectangle(box(30, 37, 70, 40), fill=_YELLOW_DARK)
-    d.ellipse(box(45, 21, 55, 31), fill=_YELLOW, outline=_YELLOW_DARK, width=outline)
-    return img
+    """The teapot, upright, spout to the right, on a transparent square canvas of `side` pixels: the toy world's
+    teapot silhouette in the subject's own colours, with its orange dots."""
+    return draw_teapot(side, _TEAL, _TEAL_DARK, _YELLOW, _YELLOW_DARK, dots=_ORANGE)
 
 
 def _background(rng: random.Random, side: int) -> Image.Image:
@@ -129,8 +95,10 @@ def draw_subject_image(index: int, size: int = 64) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def draw_subject_images(out_dir: str | os.PathLike, n: int = 6, size: int = 64) -> list[Path]:
-    """Draw `n` images of the subject as `subject_XX.png` into `out_dir`; returns their paths in order."""
+def draw_subject_images(out_dir: str | os.PathLike, n: int = 6, size: int = 64, draw=None) -> list[Path]:
+    """Draw `n` images of the subject as `subject_XX.png` into `out_dir` with `draw(index, size)` (default: this
+    module's drawing); returns their paths in order."""
+    draw = draw or draw_subject_image
     if n < 1 or size < 8:
         raise NullBoothError(f"subject images: expected n >= 1 and size >= 8, got n={n}, size={size}")
     out = Path(out_dir)
@@ -138,21 +106,28 @@ def draw_subject_images(out_dir: str | os.PathLike, n: int = 6, size: int = 64) 
     paths = []
     for i in range(n):
         path = out / f"subject_{i:02d}.png"
-        draw_subject_image(i, size).save(path, format="PNG")
+        draw(i, size).save(path, format="PNG")
         paths.append(path)
     return paths
 
 
-def ensure_subject_images() -> Path:
-    """The cached directory of demo subject images, drawn on first use."""
+def ensure_subject_images(model_path: str = "tiny") -> Path:
+    """The cached directory of demo subject images, drawn on first use. For the toy-world model the same teapot is
+    drawn in its world (its backgrounds, its image size), so that the subject is the only new thing to learn."""
+    if model_path == "toy":
+        from nullbooth.models.toyworld.world import draw_subject_image as draw_in_world
+
+        dest = cache_dir() / f"toy-subject-v{SUBJECT_FORMAT_VERSION}"
+        return build_once(dest, lambda tmp: draw_subject_images(tmp, n=8, draw=draw_in_world))
     dest = cache_dir() / f"subject-v{SUBJECT_FORMAT_VERSION}"
     return build_once(dest, draw_subject_images)
 
 
-def resolve_instance_dir(value: str) -> Path:
-    """The instance-image directory a config names: "demo" is the drawn subject, anything else a local folder."""
+def resolve_instance_dir(value: str, model_path: str = "tiny") -> Path:
+    """The instance-image directory a config names: "demo" is the drawn subject (for `model_path`), anything else
+    a local folder."""
     if value == "demo":
-        return ensure_subject_images()
+        return ensure_subject_images(model_path)
     path = Path(value).expanduser()
     if not path.is_dir():
         raise NullBoothError(f"instance images {value!r}: no such directory (use 'demo' for the drawn subject)")

@@ -30,7 +30,7 @@ EOW = "</w>"
 
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """The GPT-2/CLIP byte -> printable character table, in CLIP's vocabulary order."""
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -173,7 +173,7 @@ def build_tokenizer(prompts_file: Path = DEMO_PROMPTS_FILE):
     corpus = [*read_prompts(prompts_file), DEMO_CLASS_PROMPT]
     merges = train_bpe(_corpus_words(corpus), NUM_MERGES)
     merges = _force_single_tokens(merges, _demo_words())
-    base = _bytes_to_unicode()
+    base = bytes_to_unicode()
     # Two merge paths can produce the same token ("a bc", "ab c"); it gets the id of its first occurrence.
     tokens = dict.fromkeys([*base, *(b + EOW for b in base), *("".join(m) for m in merges), BOS, EOS])
     vocab = {t: i for i, t in enumerate(tokens)}

@@ -38,7 +38,7 @@ def require_lora(run: RunDir, lora_dir: str = LORA_DIR) -> str:
     """The run's LoRA folder; a NullBoothError when it holds no trained LoRA."""
     rel = f"{lora_dir}/{LORA_WEIGHTS}"
     if not run.exists(rel):
-        raise NullBoothError(f"{run.uri(rel)} does not exist: {run.uri()} has no trained LoRA there "
+        raise NullBoothError(f"{run.uri(rel)} does not exist: {run.uri()} has no trained LoRA "
                              "(run `nullbooth train CONFIG` first)")
     return run.uri(lora_dir)
 

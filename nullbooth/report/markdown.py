@@ -8,6 +8,42 @@ from nullbooth.formatting import number
 from nullbooth.report.plots import short_layer
 
 
+def _has_plain(report: dict[str, Any]) -> bool:
+    return bool(report["prompts"]) and report["prompts"][0]["plain"] is not None
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _comparison(report: dict[str, Any]) -> list[str]:
+    """Base, fine-tuned and plain LoRA side by side: what the probe reads, drift, preservation error."""
+    probe, baseline, plain = report["probe"], report["baseline"], _has_plain(report)
+    if probe is None and not plain:
+        return []
+    models = ["base", "finetuned"] + (["plain"] if plain else [])
+    titles = {"base": "base", "finetuned": f"fine-tuned ({report['projection_mode']})", "plain": "plain LoRA (none)"}
+    lines = ["## Side by side", "", "| | " + " | ".join(titles[m] for m in models) + " |",
+             "|---|" + "---:|" * len(models)]
+    rows = [("concept accuracy, held-out prompts (object and colour right)", "concept_accuracy"),
+            ("subject fidelity, instance prompts (recognised as the subject)", "subject_fidelity"),
+            ("class prompt drawn as the subject (language drift)", "class_as_subject")]
+    for title, key in rows:
+        shares = (probe or {}).get(key)
+        if shares is not None:
+            lines.append(f"| {title}, {shares['images']} images | "
+                         + " | ".join(_percent(shares[m]) for m in models) + " |")
+    drift = [report["drift"]["holdout"], (baseline or {}).get("drift_holdout") if plain else None]
+    lines.append("| held-out drift from base, latent MSE | 0 | "
+                 + " | ".join(number(d["latent_mse"]) if d else "–" for d in drift[:len(models) - 1]) + " |")
+    errors = [(report["preservation"] or {}).get("overall"), (baseline or {}).get("preservation_overall")]
+    lines.append("| preservation error (overall) | 0 | " + " | ".join(number(e) for e in errors[:len(models) - 1])
+                 + " |")
+    if probe is not None:
+        lines += ["", probe["definition"]]
+    return lines + [""]
+
+
 def _psnr(value: float | None) -> str:
     return "∞ (identical)" if value is None else f"{value:.2f}"
 
@@ -30,9 +66,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"projection mode **{report['projection_mode']}**, LoRA scale {report['lora_scale']:g}; "
              f"seeds: {s['seed_rule']}. Numbers: [report.json](report.json). Created {report['created']}.", "",
              "## Samples", "",
-             "Rows are prompts (orange bar: instance-prompt variants, green: held-out preserved prompts), columns "
-             "the base model and the fine-tuned model with the same seed.", "",
+             "Rows are prompts (orange bar: instance-prompt variants, pink: the class prompt, green: held-out "
+             "preserved prompts), columns the base model and the fine-tuned model"
+             + (" and the plain LoRA" if _has_plain(report) else "") + " with the same seed.", "",
              f"![base vs fine-tuned]({_rel(files['grid'])})", ""]
+    lines += _comparison(report)
     lines += _drift(report)
     lines += _preservation(report)
     lines += _null_space(report)

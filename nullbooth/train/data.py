@@ -34,13 +34,14 @@ from nullbooth.storage import RunDir, png_bytes
 # Images
 
 
-def open_instance_images(value: str) -> list[tuple[str, Image.Image]]:
+def open_instance_images(value: str, model_path: str = "tiny") -> list[tuple[str, Image.Image]]:
     """(file name, RGB image) for every file of the instance folder, sorted; a file that is not a readable image
-    is refused by name (hidden files such as .DS_Store and sub-folders are skipped)."""
+    is refused by name (hidden files such as .DS_Store and sub-folders are skipped). "demo" is the drawn subject
+    for `model_path`."""
     key = "train.instance_data_dir"
     if value != "demo" and not Path(value).expanduser().is_dir():
         raise NullBoothError(f"{key}: {value!r} is not a directory (use 'demo' for the drawn subject)")
-    folder = resolve_instance_dir(value) if value == "demo" else Path(value).expanduser()
+    folder = resolve_instance_dir(value, model_path) if value == "demo" else Path(value).expanduser()
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise NullBoothError(f"{key}: {value!r} holds no images")

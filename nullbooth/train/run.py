@@ -68,7 +68,7 @@ def train(config: Config, lora_dir: str = LORA_DIR) -> dict[str, Any]:
     config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
     tc = config.train
-    images = open_instance_images(tc.instance_data_dir)  # user errors first, before Ray starts
+    images = open_instance_images(tc.instance_data_dir, config.model.path)  # user errors first, before Ray starts
     run = RunDir(config.run_dir)
     manifest = _read_statistics(config, run)
     connect(config.ray)

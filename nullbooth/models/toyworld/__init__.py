@@ -1,0 +1,9 @@
+"""The toy world: a small SD-architecture model trained on a procedural world of objects, colours, backgrounds.
+
+`world` draws images and captions, `probe` reads the concepts back from images, `recipe` trains the model,
+`evaluate` scores generated images; the trained pipeline ships in `weights/`.
+"""
+
+from pathlib import Path
+
+WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"

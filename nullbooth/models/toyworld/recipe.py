@@ -1,0 +1,205 @@
+"""The toy model's training recipe: probe, VAE, UNet, then one stock diffusers folder with provenance.
+
+`train_toy_model(out_dir)` is the whole recipe. It writes into a temporary folder beside `out_dir` and renames it
+at the end, so `out_dir` is either absent or complete. Everything is seeded; the step counts and sizes are
+parameters, so a test can run the same code for a few steps at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nullbooth.errors import NullBoothError
+from nullbooth.models.toyworld import probe as probe_mod
+from nullbooth.models.toyworld import text, trainers, world
+from nullbooth.models.toyworld.provenance import code_version, digest_tree, write_json
+
+PROVENANCE = "provenance.json"
+RECIPE_VERSION = 1
+
+
+@dataclass
+class RecipeSettings:
+    """Every knob of the recipe; all of it is recorded in provenance.json."""
+
+    seed: int = 0
+    image_size: int = 32
+    num_images: int = 16000
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_groups: int = 32
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    text_width: int = 128
+    text_layers: int = 2
+    max_length: int = 16
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_steps: int = 1600
+    unet_batch: int = 48
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    probe_steps: int = 600
+    probe_pool: int = 8000
+    probe_test_images: int = 2000
+    reuse_probe: str | None = None  # a folder whose probe files are copied instead of training a new probe
+    reuse_vae: str | None = None  # a trained toy pipeline folder whose VAE is kept (only the UNet is trained)
+    threads: int = 2  # torch threads; 1 can be faster when other work shares a 2-core machine
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _images(settings: RecipeSettings) -> tuple[torch.Tensor, list[str]]:
+    """The training images (training combinations only, never the held-out ones) and their captions."""
+    combos = world.training_combos()
+    arrays, captions = [], []
+    for i in range(settings.num_images):
+        img, scene = world.sample_scene(settings.seed, i, combos, size=settings.image_size)
+        arrays.append(np.asarray(img, dtype=np.uint8))
+        captions.append(scene.caption)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return x, captions
+
+
+def _text_side(settings: RecipeSettings, captions: list[str]):
+    tokenizer = text.build_tokenizer(settings.max_length)
+    encoder = text.build_text_encoder(tokenizer, width=settings.text_width, layers=settings.text_layers,
+                                      seed=settings.seed + 1)
+    unique = sorted(set(captions))
+    emb = text.encode_prompts(tokenizer, encoder, [*unique, ""])
+    where = {c: i for i, c in enumerate(unique)}
+    ids = torch.tensor([where[c] for c in captions])
+    return tokenizer, encoder, emb, ids, len(unique)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**trainers.SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         timestep_spacing="leading", prediction_type="epsilon")
+
+
+def _save_pipeline(folder: Path, vae, encoder, tokenizer, unet) -> None:
+    """A stock StableDiffusionPipeline folder, weights in fp16 safetensors (loaders upcast with torch_dtype)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=encoder.half(), tokenizer=tokenizer,
+                                   unet=unet.half(), scheduler=_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _train_probe(settings: RecipeSettings, folder: Path, progress: bool) -> dict[str, Any]:
+    if settings.reuse_probe:
+        src = Path(settings.reuse_probe)
+        probe_mod.load_probe(src)  # refuses a folder without a valid probe
+        for name in (probe_mod.PROBE_WEIGHTS, probe_mod.PROBE_JSON):
+            shutil.copyfile(src / name, folder / name)
+        meta = json.loads((folder / probe_mod.PROBE_JSON).read_text(encoding="utf-8"))
+        return {**meta["training"], "test_accuracy": meta["test_accuracy"], "reused_from": str(src)}
+    net, record = probe_mod.train_probe(seed=settings.seed, steps=settings.probe_steps,
+                                        pool_size=settings.probe_pool, progress=progress)
+    test_seed = settings.seed + 1000
+    acc = probe_mod.evaluate_probe(net, seed=test_seed, n=settings.probe_test_images)
+    probe_mod.save_probe(net, folder, record, acc, {"seed": test_seed, "images": settings.probe_test_images})
+    return {**record, "test_accuracy": acc}
+
+
+def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
+    """(VAE, training record): trained here, or the one of `settings.reuse_vae` kept as it is."""
+    if settings.reuse_vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(settings.reuse_vae, subfolder="vae", torch_dtype=torch.float32)
+        return vae.eval(), {"reused_from": settings.reuse_vae}
+    vae = trainers.build_vae(settings.image_size, settings.vae_channels, settings.vae_groups, settings.seed + 2)
+    record = trainers.train_vae(vae, images, steps=settings.vae_steps, batch_size=settings.vae_batch,
+                                lr=settings.vae_lr, kl_weight=settings.vae_kl_weight, seed=settings.seed + 3,
+                                progress=progress)
+    return vae, record.as_dict()
+
+
+def _train_models(settings: RecipeSettings, folder: Path, progress: bool) -> dict[str, Any]:
+    """Data, VAE, latents, UNet; saves the pipeline into `folder` and returns what provenance records."""
+    t0 = time.time()
+    images, captions = _images(settings)
+    tokenizer, encoder, emb, cap_ids, n_captions = _text_side(settings, captions)
+    data_s = time.time() - t0
+    vae, vae_rec = _vae(settings, images, progress)
+    psnr = trainers.reconstruction_psnr(vae, images[:256])
+    mean, std = trainers.encode_latents(vae, images)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latent = settings.image_size // 2 ** (len(settings.vae_channels) - 1)
+    unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4)
+    data = trainers.UNetData(mean, std, cap_ids, emb, n_captions, scaling)
+    ema, unet_rec = trainers.train_unet(unet, data, steps=settings.unet_steps, batch_size=settings.unet_batch,
+                                        lr=settings.unet_lr, ema_decay=settings.ema_decay,
+                                        caption_dropout=settings.caption_dropout, seed=settings.seed + 5,
+                                        progress=progress)
+    _save_pipeline(folder, vae, encoder, tokenizer, ema)
+    return {"data": {"images": len(images), "unique_captions": n_captions, "seconds": round(data_s, 1)},
+            "vae": {**vae_rec, "psnr_db": round(psnr, 2), "scaling_factor": scaling},
+            "unet": {**unet_rec.as_dict(), "latent_size": latent},
+            "parameters": {"vae": _count(vae), "unet": _count(ema), "text_encoder": _count(encoder)}}
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int = 1000, unet_steps: int = 1600,
+                    probe_steps: int = 600, progress: bool = True, overwrite: bool = False,
+                    **overrides: Any) -> Path:
+    """Train the toy-world model (probe, VAE, UNet; frozen random text encoder) and save it to `out_dir`.
+
+    `overrides` sets any other `RecipeSettings` field (e.g. image_size=16, num_images=64 for a quick test).
+    Returns `out_dir`. Raises NullBoothError if `out_dir` exists and `overwrite` is False.
+    """
+    known = set(RecipeSettings.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise NullBoothError(f"toy model recipe: unknown setting(s) {unknown}; known: {sorted(known)}")
+    settings = RecipeSettings(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, probe_steps=probe_steps,
+                              **overrides)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise NullBoothError(f"toy model output {out}: already exists (pass overwrite=True to replace it)")
+    if settings.image_size % 2 ** (len(settings.vae_channels) - 1):
+        raise NullBoothError(f"toy model recipe: image_size={settings.image_size} is not divisible by the VAE's "
+                             f"downsampling factor {2 ** (len(settings.vae_channels) - 1)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        t0 = time.time()
+        probe_info = _train_probe(settings, tmp, progress)
+        t1 = time.time()
+        models = _train_models(settings, tmp, progress)
+        prov = {"recipe_version": RECIPE_VERSION, "settings": asdict(settings), "code_version": code_version(),
+                "probe": probe_info, **models,
+                "wall_seconds": {"probe": round(t1 - t0, 1), "models": round(time.time() - t1, 1),
+                                 "total": round(time.time() - t0, 1)},
+                "held_out_combos": [list(c) for c in world.held_out_combos()],
+                "files": digest_tree(tmp)}
+        write_json(tmp / PROVENANCE, prov)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        torch.set_num_threads(threads)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
