@@ -16,7 +16,7 @@ from pathlib import Path
 from nullbooth.config import Config, load_config
 from nullbooth.errors import user_error
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")
     p = command("generate", _generate, "stage 3: base vs fine-tuned samples and the report")
     p.add_argument("--prompt", default=None, help="generate just this prompt, quickly")
-    p = command("run", _run, "all stages in one go (default config: configs/tiny.yaml)", config="optional")
+    p = command("run", _run, "all stages in one go (default config: configs/toy.yaml)", config="optional")
     p.add_argument("--force", action="store_true", help="redo the statistics even if a run exists")
     p = command("compare", _compare, "compare two runs (e.g. global vs none): one table and one plot", config=None)
     p.add_argument("run_a")
