@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,8 +59,8 @@ class SamplingConfig:
     num_inference_steps: int = _f(4, "sampling steps (the timestep plan)", min=1, max=1000)
     guidance_scale: float = _f(7.5, "classifier-free guidance scale (LCM: guidance embedding w)", min=0.0)
     negative_prompt: str = _f("", "negative prompt of the unconditional branch (SD with guidance > 1)")
-    height: int | None = _f(None, "image height in pixels (unset: the model's native size)", min=8)
-    width: int | None = _f(None, "image width in pixels (unset: the model's native size)", min=8)
+    height: int | None = _f(None, "image height in pixels (unset: the model's native size)", min=8, max=4096)
+    width: int | None = _f(None, "image width in pixels (unset: the model's native size)", min=8, max=4096)
     original_inference_steps: int | None = _f(None, "LCM: original_inference_steps (unset: the scheduler's)", min=1)
     seed: int = _f(0, "base seed; prompt i is sampled with seed + i", min=0)
 
@@ -75,7 +76,7 @@ class PreserveConfig:
 @dataclass
 class CovarianceConfig:
     num_workers: int = _f(2, "collector actors, one pipeline replica each", min=1)
-    batch_size: int = _f(8, "prompts per batch dealt to an actor", min=1)
+    batch_size: int = _f(8, "prompts per batch dealt to an actor", min=1, max=4096)
     layers: list[str] = _f(factory=lambda: list(DEFAULT_PROTECTED_LAYERS),
                            help="protected layers: suffixes of module paths in unet.named_modules()")
     cpus_per_worker: float = _f(1.0, "CPUs per collector actor (torch threads follow)", min=0.0)
@@ -134,7 +135,7 @@ class TrainConfig:
                                     "cosine_with_restarts", "polynomial"))
     lr_warmup_steps: int = _f(0, "learning-rate warm-up steps", min=0)
     max_train_steps: int = _f(60, "optimizer steps", min=1)
-    train_batch_size: int = _f(2, "samples per worker per micro-batch", min=1)
+    train_batch_size: int = _f(2, "samples per worker per micro-batch", min=1, max=4096)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", min=0.0)
     mixed_precision: str = _f("no", "autocast dtype on GPU", choices=("no", "fp16", "bf16"))
@@ -154,7 +155,7 @@ class GenerateConfig:
     num_images_per_prompt: int = _f(1, "images per prompt", min=1)
     seed: int = _f(1234, "seed of image i of prompt j: seed + 1000·j + i", min=0)
     num_workers: int = _f(1, "generation actors (Ray Data actor pool)", min=1)
-    batch_size: int = _f(4, "prompts per generation batch", min=1)
+    batch_size: int = _f(4, "prompts per generation batch", min=1, max=4096)
     lora_scale: float = _f(1.0, "LoRA scale at generation", min=0.0)
     baseline_run: str | None = _f(None, "another run_dir (e.g. projection.mode=none) to compare in the report")
 
@@ -187,9 +188,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise NullBoothError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise NullBoothError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
-            raise NullBoothError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise NullBoothError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(raw, dict):
             raise NullBoothError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
@@ -197,6 +200,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message runs over several lines with the source quoted)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -207,7 +217,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise NullBoothError(f"--set {override!r}: the value is not valid YAML ({err})") from None
+        raise NullBoothError(f"--set {override!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -291,6 +301,7 @@ def validate(config: Config) -> None:
     _check_constraints(config, prefix="")
     if not config.run_dir.strip():
         raise NullBoothError("run_dir: must not be empty")
+    _check_threshold(config.projection.threshold)
     model, sampling = config.model, config.sampling
     if model.backend == "lcm" and sampling.scheduler != "lcm":
         raise NullBoothError(f"sampling.scheduler: model.backend 'lcm' samples with 'lcm', got {sampling.scheduler!r}")
@@ -316,6 +327,19 @@ def validate(config: Config) -> None:
     # train.instance_data_dir is checked by the training stage: the statistics don't need the subject's images.
 
 
+# The threshold value's range per kind: outside it the null space is the whole input space (nothing protected) or
+# the kind itself makes no sense: low ≤ value < high.
+THRESHOLD_RANGES = {"relative": (0.0, 1.0), "energy": (0.0, 1.0), "percentile": (0.0, 100.0), "absolute": (0.0, math.inf)}
+
+
+def _check_threshold(threshold: ThresholdConfig) -> None:
+    low, high = THRESHOLD_RANGES[threshold.kind]
+    if not low <= threshold.value < high:
+        upper = "" if math.isinf(high) else f" and < {high:g}"
+        raise NullBoothError(f"projection.threshold.value: for kind {threshold.kind!r} expected a value ≥ {low:g}"
+                             f"{upper}, got {threshold.value!r}")
+
+
 def _check_constraints(obj: Any, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -331,6 +355,8 @@ def _check_constraints(obj: Any, prefix: str) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise NullBoothError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}; "
                                  f"got {value!r}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NullBoothError(f"{key}: expected a finite number, got {value!r}")
         if "min" in meta and isinstance(value, (int, float)):
             low = meta["min"]
             if value < low or (meta.get("min_exclusive") and value == low):

@@ -77,6 +77,13 @@ def test_override_on_top_of_a_file(tmp_path):
     ("sampling=4", "sampling: expected a mapping of keys, got int 4"),
     ("nonsense", "--set 'nonsense': expected KEY=VALUE, e.g. --set sampling.num_inference_steps=8"),
     ("train.with_prior_preservation=true", "train.class_prompt: required when train.with_prior_preservation is true"),
+    ("train.learning_rate=.nan", "train.learning_rate: expected a finite number, got nan"),
+    ("generate.lora_scale=.inf", "generate.lora_scale: expected a finite number, got inf"),
+    ("projection.threshold.value=1.0", "projection.threshold.value: for kind 'relative' expected a value ≥ 0 and < 1, "
+                                       "got 1.0"),
+    ("projection.threshold.value=.nan", "projection.threshold.value: expected a finite number, got nan"),
+    ("sampling.width=8192", "sampling.width: expected a value ≤ 4096, got 8192"),
+    ("train.train_batch_size=100000", "train.train_batch_size: expected a value ≤ 4096, got 100000"),
 ])
 def test_mistakes_name_the_key_and_the_expected_form(override, message):
     with pytest.raises(NullBoothError) as err:
@@ -96,12 +103,36 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(NullBoothError, match="is not valid YAML"):
+    with pytest.raises(NullBoothError) as err:
         load_config(broken)
+    assert str(err.value) == (f"config file {str(broken)!r} is not valid YAML: expected ',' or ']', but got "
+                              "'<stream end>' at line 2, column 1")
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(NullBoothError) as err:
+        load_config(latin)
+    assert str(err.value) == f"config file {str(latin)!r} is not UTF-8 text (byte 12)"
     listy = tmp_path / "list.yaml"
     listy.write_text("- a\n- b\n")
     with pytest.raises(NullBoothError, match="must hold a mapping of sections, got list"):
         load_config(listy)
+
+
+def test_a_plain_baseline_needs_a_projected_run_and_no_second_baseline():
+    with pytest.raises(NullBoothError) as err:
+        load_config(None, ["train.plain_baseline=true", "projection.mode=none"])
+    assert str(err.value) == ("train.plain_baseline: the run itself trains a plain LoRA (projection.mode: none); "
+                              "the baseline is for global or timestep mode")
+    with pytest.raises(NullBoothError, match="generate.baseline_run: train.plain_baseline already gives"):
+        load_config(None, ["train.plain_baseline=true", "generate.baseline_run=/tmp/other"])
+
+
+@pytest.mark.parametrize("kind, good, bad", [("relative", 0.999, 1.0), ("energy", 0.5, 1.0),
+                                             ("percentile", 99.0, 100.0), ("absolute", 1e9, -1e-9)])
+def test_threshold_values_in_and_out_of_range_for_their_kind(kind, good, bad):
+    assert load_config(None, [f"projection.threshold.kind={kind}", f"projection.threshold.value={good}"])
+    with pytest.raises(NullBoothError, match=f"projection.threshold.value: .*got {bad!r}"):
+        load_config(None, [f"projection.threshold.kind={kind}", f"projection.threshold.value={bad}"])
 
 
 def test_override_into_a_value_that_is_not_a_section():
