@@ -1,0 +1,84 @@
+"""Validating a config: every field's constraints (ranges, choices, finite numbers) and the rules that span sections.
+Everything that can be refused from the config alone is refused here, before Ray starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+from nullbooth.config.sections import Config, ThresholdConfig
+from nullbooth.errors import NullBoothError
+from nullbooth.layout import is_uri
+
+
+def validate(config: Config) -> None:
+    """Check every field's constraints, then the rules that span sections."""
+    _check_constraints(config, prefix="")
+    if not config.run_dir.strip():
+        raise NullBoothError("run_dir: must not be empty")
+    _check_threshold(config.projection.threshold)
+    model, sampling = config.model, config.sampling
+    if model.backend == "lcm" and sampling.scheduler != "lcm":
+        raise NullBoothError(f"sampling.scheduler: model.backend 'lcm' samples with 'lcm', got {sampling.scheduler!r}")
+    if model.backend == "sd" and sampling.scheduler == "lcm":
+        raise NullBoothError("sampling.scheduler: 'lcm' needs model.backend: lcm (a Latent Consistency Model)")
+    for name in ("height", "width"):
+        size = getattr(sampling, name)
+        if size is not None and size % 8:
+            raise NullBoothError(f"sampling.{name}: must be a multiple of 8, got {size}")
+    if not config.covariance.layers:
+        raise NullBoothError("covariance.layers: at least one protected layer pattern is needed")
+    if config.train.plain_baseline and config.generate.baseline_run:
+        raise NullBoothError("generate.baseline_run: train.plain_baseline already gives the report a baseline; "
+                             "unset one of them")
+    if config.train.plain_baseline and config.projection.mode == "none":
+        raise NullBoothError("train.plain_baseline: the run itself trains a plain LoRA (projection.mode: none); "
+                             "the baseline is for global or timestep mode")
+    if config.train.with_prior_preservation and not config.train.class_prompt:
+        raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
+    if config.preserve.prompts_file != "demo" and not is_uri(config.preserve.prompts_file):
+        if not Path(config.preserve.prompts_file).is_file():
+            raise NullBoothError(f"preserve.prompts_file: file {config.preserve.prompts_file!r} does not exist")
+    # train.instance_data_dir is checked by the training stage: the statistics don't need the subject's images.
+
+
+# The threshold value's range per kind: outside it the null space is the whole input space (nothing protected) or
+# the kind itself makes no sense: low ≤ value < high.
+THRESHOLD_RANGES = {"relative": (0.0, 1.0), "energy": (0.0, 1.0), "percentile": (0.0, 100.0), "absolute": (0.0, math.inf)}
+
+
+def _check_threshold(threshold: ThresholdConfig) -> None:
+    low, high = THRESHOLD_RANGES[threshold.kind]
+    if not low <= threshold.value < high:
+        upper = "" if math.isinf(high) else f" and < {high:g}"
+        raise NullBoothError(f"projection.threshold.value: for kind {threshold.kind!r} expected a value ≥ {low:g}"
+                             f"{upper}, got {threshold.value!r}")
+
+
+def _check_constraints(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_constraints(value, f"{key}.")
+            continue
+        meta = f.metadata
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise NullBoothError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}; "
+                                 f"got {value!r}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NullBoothError(f"{key}: expected a finite number, got {value!r}")
+        if "min" in meta and isinstance(value, (int, float)):
+            low = meta["min"]
+            if value < low or (meta.get("min_exclusive") and value == low):
+                rel = ">" if meta.get("min_exclusive") else "≥"
+                raise NullBoothError(f"{key}: expected a value {rel} {low}, got {value!r}")
+        if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
+            raise NullBoothError(f"{key}: expected a value ≤ {meta['max']}, got {value!r}")
