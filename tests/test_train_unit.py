@@ -286,6 +286,25 @@ def test_instance_folder_errors_name_the_problem(tmp_path):
     assert stack_images([img for _, img in loaded], 16).shape == (2, 16, 16, 3)
 
 
+def test_an_image_whose_header_claims_30000_pixels_square_is_refused_by_name(tmp_path):
+    import struct
+    import zlib
+
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # 2.7 GB of RGB once decoded; 70 bytes here
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(NullBoothError) as err:
+        open_instance_images(str(folder))
+    assert str(err.value) == (f"train.instance_data_dir: {folder / 'huge.png'} is too large to be a training image "
+                              f"(over {Image.MAX_IMAGE_PIXELS * 2:,} pixels); resize it first")
+
+
 def test_checkpoint_state_is_plain_json(fake_run, images, tmp_path):
     worker, _ = make_worker(fake_run, images, "projection.mode=none")
     train_steps(worker, 1)

@@ -51,6 +51,10 @@ def open_instance_images(value: str, model_path: str = "tiny") -> list[tuple[str
             with Image.open(path) as img:
                 img.load()
                 images.append((path.name, img.convert("RGB")))
+        except Image.DecompressionBombError:
+            # PIL refuses images past MAX_IMAGE_PIXELS (a header can claim 30000×30000 in a few bytes).
+            raise NullBoothError(f"{key}: {path} is too large to be a training image (over "
+                                 f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels); resize it first") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise NullBoothError(f"{key}: {path} is not a readable image ({type(err).__name__}: {err})") from None
     return images
