@@ -118,6 +118,24 @@ def test_bad_files(tmp_path):
         load_config(listy)
 
 
+def test_output_folders_that_cannot_be_written_are_refused_from_the_config(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {f"run_dir={a_file}": f"run_dir: {str(a_file)!r} exists and is not a folder",
+             f"run_dir={a_file}/run": f"run_dir: {str(a_file / 'run')!r} cannot be written: {str(a_file)!r} is not a "
+                                      "writable folder",
+             "run_dir=/proc/nullbooth-run": "run_dir: '/proc/nullbooth-run' cannot be written: '/proc' is not a "
+                                            "writable folder",
+             "train.storage_path=/sys/ckpt": "train.storage_path: '/sys/ckpt' cannot be written: '/sys' is not a "
+                                             "writable folder"}
+    for override, message in cases.items():
+        with pytest.raises(NullBoothError) as err:
+            load_config(None, [override])
+        assert str(err.value) == message
+    assert load_config(None, [f"run_dir={tmp_path / 'new' / 'run'}"]).run_dir == str(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
 def test_a_plain_baseline_needs_a_projected_run_and_no_second_baseline():
     with pytest.raises(NullBoothError) as err:
         load_config(None, ["train.plain_baseline=true", "projection.mode=none"])

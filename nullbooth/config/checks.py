@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ def validate(config: Config) -> None:
     _check_constraints(config, prefix="")
     if not config.run_dir.strip():
         raise NullBoothError("run_dir: must not be empty")
+    _check_writable_folder("run_dir", config.run_dir)
+    if config.train.storage_path:
+        _check_writable_folder("train.storage_path", config.train.storage_path)
     _check_threshold(config.projection.threshold)
     model, sampling = config.model, config.sampling
     if model.backend == "lcm" and sampling.scheduler != "lcm":
@@ -48,6 +52,20 @@ def validate(config: Config) -> None:
 # The threshold value's range per kind: outside it the null space is the whole input space (nothing protected) or
 # the kind itself makes no sense: low ≤ value < high.
 THRESHOLD_RANGES = {"relative": (0.0, 1.0), "energy": (0.0, 1.0), "percentile": (0.0, 100.0), "absolute": (0.0, math.inf)}
+
+
+def _check_writable_folder(key: str, location: str) -> None:
+    """A local folder the stages will write: refused now if it is a file or cannot be created, not after an hour of
+    sampling. (A cloud URI is checked by the stage that opens it.)"""
+    if is_uri(location):
+        return
+    path = Path(location).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise NullBoothError(f"{key}: {location!r} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    kernel_view = existing.parts[1:2] in (("proc",), ("sys",))  # root may "write" there, but nothing can be created
+    if kernel_view or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NullBoothError(f"{key}: {location!r} cannot be written: {str(existing)!r} is not a writable folder")
 
 
 def _check_threshold(threshold: ThresholdConfig) -> None:
