@@ -48,9 +48,14 @@ def seeds_for(config: Config, prompt_index: int) -> list[int]:
     return [config.generate.seed + SEED_STRIDE * prompt_index + i for i in range(config.generate.num_images_per_prompt)]
 
 
-def instance_variants(instance_prompt: str) -> list[str]:
-    """The instance prompt and three recontextualisations of its subject (as in the DreamBooth paper)."""
+def instance_variants(instance_prompt: str, model_path: str = "") -> list[str]:
+    """The instance prompt and three recontextualisations of its subject (as in the DreamBooth paper); for the
+    toy-world model, the subject on each of its world's backgrounds (a beach is no place it knows)."""
     prompt = instance_prompt.strip()
+    if model_path == "toy":
+        from nullbooth.models.toyworld.world import BACKGROUNDS
+
+        return list(dict.fromkeys([prompt, *(f"{prompt} on {place}" for place in BACKGROUNDS.values())]))
     subject = re.sub(r"^(a|an)\s+(photo|picture|image|photograph)\s+of\s+(a\s+|an\s+|the\s+)?", "", prompt,
                      flags=re.IGNORECASE)
     variants = [prompt, f"{prompt} on a beach", f"{prompt} in the snow", f"a painting of {subject}"]
@@ -71,7 +76,7 @@ def plan_prompts(config: Config, run: RunDir) -> list[tuple[str, str]]:
     """[(prompt, kind)] with kind 'instance', 'class' (language drift: the class prompt must not turn into the
     subject), 'holdout' (drift is measured on these) or 'custom'."""
     held = holdout_prompts(config, run)
-    variants = instance_variants(config.train.instance_prompt)
+    variants = instance_variants(config.train.instance_prompt, config.model.path)
     klass = [config.train.class_prompt] if config.train.class_prompt else []
     if config.generate.prompts is None:
         return ([(p, "instance") for p in variants] + [(p, "class") for p in klass if p not in variants]

@@ -37,7 +37,7 @@ class RecipeSettings:
     num_images: int = 16000
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_groups: int = 32
-    vae_steps: int = 1000
+    vae_steps: int = 2200
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -45,8 +45,8 @@ class RecipeSettings:
     text_layers: int = 2
     max_length: int = 16
     unet_channels: tuple[int, ...] = (64, 128)
-    unet_steps: int = 1600
-    unet_batch: int = 48
+    unet_steps: int = 2500
+    unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
@@ -158,7 +158,7 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int = 1000, unet_steps: int = 1600,
+def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int = 2200, unet_steps: int = 2500,
                     probe_steps: int = 600, progress: bool = True, overwrite: bool = False,
                     **overrides: Any) -> Path:
     """Train the toy-world model (probe, VAE, UNet; frozen random text encoder) and save it to `out_dir`.
