@@ -177,7 +177,8 @@ def sample_images(config: Config, prompts: list[str], seeds: list[int], lora_dir
                                "num_cpus": num_cpus, "has_gpu": num_gpus > 0, "with_base": with_base,
                                "extra_loras": extra_loras},
         batch_size=batch_size, batch_format="numpy",
-        concurrency=min(num_workers, len(rows)),  # a callable class: a fixed pool of this many actors
+        # A fixed pool of actors: Ray 2.51+ deprecates `concurrency=` for this in favour of `compute=`.
+        compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(rows))),
         num_cpus=num_cpus, num_gpus=num_gpus)
     results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
     if [int(r["index"]) for r in results] != list(range(len(rows))):

@@ -35,13 +35,17 @@ def find_probe(config: Config) -> Any | None:
     return load_probe(location) if (location / PROBE_WEIGHTS).is_file() else None
 
 
-def _shares(samples: list[PromptSamples], score) -> dict[str, Any] | None:
-    """{"images": n, model: mean score} over every image of `samples`, for each model that has images."""
+def _shares(samples: list[PromptSamples], probe, score) -> dict[str, Any] | None:
+    """{"images": n, model: share of images `score(prompt, reading)` accepts} for each model that has images."""
+    from nullbooth.models.toyworld.probe import predict
+
     if not samples:
         return None
     out: dict[str, Any] = {"images": sum(len(e.base) for e in samples)}
     for model in MODELS:
-        hits = [score(e.prompt, image) for e in samples for image in getattr(e, model)]
+        pairs = [(e.prompt, image) for e in samples for image in getattr(e, model)]
+        readings = predict(probe, [image for _, image in pairs]) if pairs else []
+        hits = [score(prompt, reading) for (prompt, _), reading in zip(pairs, readings)]
         out[model] = sum(hits) / len(hits) if hits else None
     return out
 
@@ -50,17 +54,16 @@ def probe_section(config: Config, samples: list[PromptSamples]) -> dict[str, Any
     probe = find_probe(config)
     if probe is None:
         return None
-    from nullbooth.models.toyworld.probe import predict
     from nullbooth.models.toyworld.world import parse_caption
 
-    def concept(prompt: str, image) -> bool:
-        wanted, seen = parse_caption(prompt), predict(probe, [image])[0]
+    def concept(prompt: str, seen: dict) -> bool:
+        wanted = parse_caption(prompt)
         return seen["object"] == wanted[0] and seen["colour"] == wanted[1]
 
-    def subject(prompt: str, image) -> bool:
-        return predict(probe, [image])[0]["subject"]
+    def subject(prompt: str, seen: dict) -> bool:
+        return seen["subject"]
 
     captions = [e for e in samples if e.kind == "holdout" and None not in parse_caption(e.prompt)[:2]]
-    return {"definition": DEFINITION, "concept_accuracy": _shares(captions, concept),
-            "subject_fidelity": _shares([e for e in samples if e.kind == "instance"], subject),
-            "class_as_subject": _shares([e for e in samples if e.kind == "class"], subject)}
+    return {"definition": DEFINITION, "concept_accuracy": _shares(captions, probe, concept),
+            "subject_fidelity": _shares([e for e in samples if e.kind == "instance"], probe, subject),
+            "class_as_subject": _shares([e for e in samples if e.kind == "class"], probe, subject)}

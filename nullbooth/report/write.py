@@ -187,13 +187,19 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
             "drift_instance": report["drift"]["instance"]}
 
 
+GRID_HELD_OUT_ROWS = 12  # a page a person can read; every image is in samples/, every number in report.json
+
+
 def _grid(config: Config, run: RunDir, samples: list[PromptSamples]) -> bytes:
     columns = {"base": "base", "finetuned": f"fine-tuned ({config.projection.mode})"}
     if samples[0].plain:
         columns["plain"] = "plain LoRA (none)"
+    held = [e for e in samples if e.kind == "holdout"]
+    rows = [e for e in samples if e.kind != "holdout"] + held[:GRID_HELD_OUT_ROWS]
     title = (f"{run.uri()}: base vs fine-tuned ({config.projection.mode}"
-             + (" and plain LoRA" if samples[0].plain else "") + f", LoRA scale {config.generate.lora_scale:g})")
-    return image_grid(samples, title=title, columns=columns)
+             + (" and plain LoRA" if samples[0].plain else "") + f", LoRA scale {config.generate.lora_scale:g})"
+             + (f"; {GRID_HELD_OUT_ROWS} of {len(held)} held-out prompts" if len(held) > GRID_HELD_OUT_ROWS else ""))
+    return image_grid(rows, title=title, columns=columns)
 
 
 def _plots(config: Config, run: RunDir, report: dict, manifest: Manifest | None,

@@ -65,7 +65,8 @@ class ProbeNet(nn.Module):
 
 
 def to_tensor(images: Any) -> torch.Tensor:
-    """PIL images (any size) or a float tensor in [0, 1] of shape (N,3,H,W) or (3,H,W) -> (N,3,64,64)."""
+    """PIL images or uint8 (H,W,3) arrays (any size), or a float tensor in [0, 1] of shape (N,3,H,W) or (3,H,W)
+    -> (N,3,64,64)."""
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, torch.Tensor):
@@ -77,8 +78,11 @@ def to_tensor(images: Any) -> torch.Tensor:
         return x.clamp(0, 1)
     arrays = []
     for im in images:
+        if isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3:
+            im = Image.fromarray(im)  # what the samplers return
         if not isinstance(im, Image.Image):
-            raise NullBoothError(f"probe input: expected PIL images or a tensor, got {type(im).__name__}")
+            raise NullBoothError(f"probe input: expected PIL images, uint8 (H,W,3) arrays or a tensor, "
+                                 f"got {type(im).__name__}")
         im = im.convert("RGB")
         if im.size != (INPUT_SIZE, INPUT_SIZE):
             im = im.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.LANCZOS)
