@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,9 @@ def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0, adapter_name: str =
     run = RunDir(lora_dir)
     if not run.exists(LORA_WEIGHTS):
         raise NullBoothError(f"{run.uri(LORA_WEIGHTS)} does not exist: no LoRA to load")
-    with _local_copy(run) as local:
+    with _local_copy(run) as local, warnings.catch_warnings():
+        # PEFT warns that a second adapter joins the first: holding several, each under its name, is the point here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
     use_adapter(pipe, adapter_name, lora_scale)
 
