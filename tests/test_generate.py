@@ -62,8 +62,8 @@ def test_zeroed_lora_gives_bit_identical_images_and_zero_drift(stats_dir, tmp_pa
     manifest = json.loads((run_dir / "covariance" / "manifest.json").read_text())
     # Default prompts: the instance-prompt variants, then the held-out preserved prompts of the statistics.
     variants = instance_variants(config.train.instance_prompt)
-    assert [p["prompt"] for p in report["prompts"]] == variants + manifest.holdout_prompts
-    assert len(manifest.holdout_prompts) == 2
+    assert [p["prompt"] for p in report["prompts"]] == variants + manifest["holdout_prompts"]
+    assert len(manifest["holdout_prompts"]) == 2
     assert [p["kind"] for p in report["prompts"]] == ["instance"] * len(variants) + ["holdout"] * 2
     assert [p["seeds"] for p in report["prompts"]] == [[1234 + 1000 * j] for j in range(len(report["prompts"]))]
     latents = load_file(str(run_dir / "samples" / "latents.safetensors"))
