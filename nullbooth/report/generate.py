@@ -73,8 +73,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         psnr = summary["drift"]["pixel_psnr_db"]
         return (f"nullbooth generate: {summary['image']}\n  drift: latent MSE {summary['drift']['latent_mse']:.4g}, "
                 "pixel PSNR " + ("inf (identical)" if psnr is None else f"{psnr:.2f} dB"))
-    return (f"nullbooth generate: {summary['prompts']} prompts, base and fine-tuned\n"
-            f"  grid:   {summary['grid']}\n  report: {summary['report']}\n  page:   {summary['report_md']}")
+    lines = [f"nullbooth generate: {summary['prompts']} prompts, base and fine-tuned",
+             f"  grid:   {summary['grid']}", f"  report: {summary['report']}", f"  page:   {summary['report_md']}"]
+    for title, key in (("concept accuracy, held-out", "concept_accuracy"), ("subject fidelity", "subject_fidelity")):
+        shares = (summary.get("probe") or {}).get(key)
+        if shares:
+            lines.append(f"  {title}: " + ", ".join(f"{model} {100 * shares[model]:.0f} %"
+                                                    for model in ("base", "finetuned", "plain")
+                                                    if shares[model] is not None))
+    return "\n".join(lines)
 
 
 def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]],

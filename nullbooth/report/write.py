@@ -184,7 +184,7 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
     return {"grid": run.uri(files["grid"]), "report": run.uri(REPORT_JSON), "report_json": run.uri(REPORT_JSON),
             "report_md": run.uri(REPORT_MD),
             "plots": {k: run.uri(v) for k, v in files["plots"].items()}, "drift": report["drift"]["holdout"],
-            "drift_instance": report["drift"]["instance"]}
+            "drift_instance": report["drift"]["instance"], "probe": report["probe"]}
 
 
 GRID_HELD_OUT_ROWS = 12  # a page a person can read; every image is in samples/, every number in report.json
