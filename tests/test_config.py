@@ -74,6 +74,8 @@ def test_override_on_top_of_a_file(tmp_path):
     ("sampling.scheduler=lcm", "sampling.scheduler: 'lcm' needs model.backend: lcm (a Latent Consistency Model)"),
     ("sampling.height=30", "sampling.height: must be a multiple of 8, got 30"),
     ("preserve.prompts_file=/no/such/prompts.txt", "preserve.prompts_file: file '/no/such/prompts.txt' does not exist"),
+    ("preserve.prompts_file=s3://bucket/prompts.txt", "preserve.prompts_file: 's3://bucket/prompts.txt' is a URI; give "
+                                                      "a local file (or 'demo')"),
     ("sampling=4", "sampling: expected a mapping of keys, got int 4"),
     ("nonsense", "--set 'nonsense': expected KEY=VALUE, e.g. --set sampling.num_inference_steps=8"),
     ("train.with_prior_preservation=true", "train.class_prompt: required when train.with_prior_preservation is true"),

@@ -43,9 +43,11 @@ def validate(config: Config) -> None:
                              "the baseline is for global or timestep mode")
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
-    if config.preserve.prompts_file != "demo" and not is_uri(config.preserve.prompts_file):
-        if not Path(config.preserve.prompts_file).is_file():
-            raise NullBoothError(f"preserve.prompts_file: file {config.preserve.prompts_file!r} does not exist")
+    prompts_file = config.preserve.prompts_file
+    if is_uri(prompts_file):  # read by the driver with plain open(): a URI would fail after Ray started
+        raise NullBoothError(f"preserve.prompts_file: {prompts_file!r} is a URI; give a local file (or 'demo')")
+    if prompts_file != "demo" and not Path(prompts_file).is_file():
+        raise NullBoothError(f"preserve.prompts_file: file {prompts_file!r} does not exist")
     # train.instance_data_dir is checked by the training stage: the statistics don't need the subject's images.
 
 

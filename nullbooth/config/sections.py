@@ -56,7 +56,8 @@ class PreserveConfig:
     prompts_file: str = _f("demo", "preserved prompts, one per line, '#' comments; 'demo' = the packaged list "
                                    "(for model 'toy': captions of its world)")
     max_prompts: int | None = _f(None, "use only the first N prompts (unset: all)", min=1)
-    holdout: int = _f(16, "last N prompts of the file are held out of the statistics for the drift report", min=0)
+    holdout: int = _f(16, "the last N of the first max_prompts prompts are held out of the statistics for the "
+                          "drift report", min=0)
 
 
 @dataclass
