@@ -61,6 +61,14 @@ def sd_stats(ray_local, tmp_path_factory):
     return run_dir
 
 
+def worker_logs() -> str:
+    """The text of every worker log of this module's Ray session (worker output is not sent to the driver)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("worker-*")) if p.is_file())
+
+
 @pytest.fixture(scope="module")
 def global_run(sd_stats):
     summary = train(cfg(sd_stats, SD, "train.name=global"))
@@ -96,6 +104,13 @@ def test_global_update_is_in_the_null_space_and_obeys_the_bound(sd_stats, global
         assert error <= bound * (1 + 1e-3) + 1e-9, name
         assert report["preservation"]["per_layer"][name] == pytest.approx(error, rel=1e-3, abs=1e-9)
     assert set(report["preservation"]["per_timestep"]) == {str(t) for t in manifest.timesteps}
+
+
+def test_workers_do_not_dump_every_report(global_run):
+    # Ray Train logs each report's full metrics at INFO under a logger its LoggingConfig does not reach (issue 10).
+    text = worker_logs()
+    assert "train (global)" in text  # the training worker's progress bar: these are the right logs
+    assert "Reporting training result" not in text
 
 
 def test_global_training_lowers_the_loss(global_run):

@@ -52,6 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch_threads_for(tc.cpus_per_worker)
+    _quiet_report_dumps()
     state = _latest_state()
     if state is not None and state.step >= tc.max_train_steps:
         return state.report  # a finished run started again: nothing to do, its checkpoint is the result
@@ -67,6 +68,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if progress is not None:
         progress.close()
     return report
+
+
+def _quiet_report_dumps() -> None:
+    """Silence Ray Train's per-report INFO line, which prints every metric of every report.
+
+    Ray Train logs it through a logger named after its source file, not under `ray.train`, so the run's
+    `LoggingConfig(log_level="WARNING")` does not reach it; raise that logger's level here, in the worker.
+    """
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _latest_state() -> TrainingState | None:
