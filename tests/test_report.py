@@ -232,3 +232,12 @@ def test_training_report_layouts(tmp_path):
     (tmp_path / "lora" / "report.json").write_text(json.dumps({"mode": "none", "preservation": None}))
     assert read_preservation(run) == {"source": "lora/report.json", "mode": "none", "overall": None, "max": None,
                                       "per_layer": {}, "per_timestep": {}, "unprotected": []}
+
+
+def test_instance_and_class_prompts_get_their_own_image_count():
+    config = load_config(None, ["generate.subject_images=3", "generate.num_images_per_prompt=2"])
+    base = config.generate.seed + 1000 * 4
+    assert seeds_for(config, 4, "instance") == seeds_for(config, 4, "class") == [base, base + 1, base + 2]
+    assert seeds_for(config, 4, "holdout") == seeds_for(config, 4, "custom") == [base, base + 1]
+    unset = load_config(None, ["generate.num_images_per_prompt=2"])
+    assert seeds_for(unset, 4, "instance") == [base, base + 1]

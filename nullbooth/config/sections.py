@@ -139,7 +139,10 @@ class TrainConfig:
 @dataclass
 class GenerateConfig:
     prompts: list[str] | None = _f(None, "prompts to sample (unset: instance-prompt variants + held-out prompts)")
-    num_images_per_prompt: int = _f(1, "images per prompt", min=1)
+    num_images_per_prompt: int = _f(1, "images per prompt (at most the seed stride, 1000)", min=1, max=1000)
+    subject_images: int | None = _f(None, "images per instance-prompt variant and class prompt, where subject "
+                                          "fidelity and language drift are counted (unset: num_images_per_prompt)",
+                                    min=1, max=1000)
     seed: int = _f(1234, "seed of image i of prompt j: seed + 1000·j + i", min=0)
     num_workers: int = _f(1, "generation actors (Ray Data actor pool)", min=1)
     batch_size: int = _f(4, "prompts per generation batch", min=1, max=4096)

@@ -88,7 +88,7 @@ def sample_pairs(config: Config, lora_dir: str, plan: list[tuple[str, str]],
                  plain_dir: str | None = None) -> list[PromptSamples]:
     """Base and fine-tuned (and plain-LoRA) samples of every planned prompt from one actor pool, grouped per
     prompt: every actor samples each batch under each model, so all see identical batches and seeds."""
-    rows = [(j, prompt, seed) for j, (prompt, _) in enumerate(plan) for seed in seeds_for(config, j)]
+    rows = [(j, prompt, seed) for j, (prompt, kind) in enumerate(plan) for seed in seeds_for(config, j, kind)]
     g = config.generate
     results = sample_images(config, [p for _, p, _ in rows], [s for _, _, s in rows], lora_dir=lora_dir,
                             lora_scale=g.lora_scale, num_workers=g.num_workers, batch_size=g.batch_size,

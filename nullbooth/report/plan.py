@@ -3,7 +3,9 @@ record (`PromptSamples`) that carries one prompt's images from the sampler to th
 
     prompts   generate.prompts, or by default the instance-prompt variants (does the subject show up?) followed by
               the held-out preserved prompts (the statistics never saw them: does the rest of the model stay put?)
-    seeds     image i of prompt j uses generate.seed + SEED_STRIDE·j + i, for the base and the fine-tuned model alike
+    seeds     image i of prompt j uses generate.seed + SEED_STRIDE·j + i, for the base and the fine-tuned model alike;
+              instance and class prompts get generate.subject_images images (when set), the others
+              generate.num_images_per_prompt
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def seed_rule(config: Config) -> str:
     return f"image i of prompt j: {config.generate.seed} + {SEED_STRIDE}*j + i"
 
 
-def seeds_for(config: Config, prompt_index: int) -> list[int]:
-    return [config.generate.seed + SEED_STRIDE * prompt_index + i for i in range(config.generate.num_images_per_prompt)]
+def seeds_for(config: Config, prompt_index: int, kind: str = "custom") -> list[int]:
+    g = config.generate
+    count = g.subject_images if kind in ("instance", "class") and g.subject_images else g.num_images_per_prompt
+    return [g.seed + SEED_STRIDE * prompt_index + i for i in range(count)]
 
 
 def instance_variants(instance_prompt: str, model_path: str = "") -> list[str]:
