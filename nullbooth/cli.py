@@ -64,15 +64,34 @@ def guarded(main: Callable[[], int | None]) -> int:
 
 
 def _validate(config: Config, args: argparse.Namespace) -> None:
+    """The resolved config, then the sampler's plan as YAML comments (the output stays valid YAML)."""
     from nullbooth.config import config_to_yaml
+    from nullbooth.errors import NullBoothError
+    from nullbooth.models.backends import get_backend
+    from nullbooth.stats.summary import plan_note
 
     print(config_to_yaml(config), end="")
+    try:
+        plan = get_backend(config).timestep_plan()
+    except NullBoothError as err:  # e.g. a hub model not cached on this machine: the stages will say more
+        print(f"# timestep plan: not computed here ({err})")
+        return
+    print(f"# timestep plan ({config.sampling.scheduler}, {config.sampling.num_inference_steps} steps): {plan}")
+    note = plan_note(plan)
+    if note:
+        print(f"# note: {note}")
 
 
 def _timesteps(config: Config, args: argparse.Namespace) -> None:
+    """The plan as JSON on stdout; a plan that repeats timesteps is said so on stderr."""
     from nullbooth.models.backends import get_backend
+    from nullbooth.stats.summary import plan_note
 
-    print(json.dumps(get_backend(config).timestep_plan()))
+    plan = get_backend(config).timestep_plan()
+    print(json.dumps(plan))
+    note = plan_note(plan)
+    if note:
+        print(f"nullbooth: note: {note}", file=sys.stderr)
 
 
 def _tiny_model(config: None, args: argparse.Namespace) -> None:

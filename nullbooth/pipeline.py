@@ -23,9 +23,12 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     from nullbooth.report.generate import generate
     from nullbooth.stats.build import build_covariance
     from nullbooth.stats.summary import format_summary as format_statistics
+    from nullbooth.train.data import open_instance_images
     from nullbooth.train.run import format_summary as format_training
     from nullbooth.train.run import train_all
 
+    # The subject's images belong to training, but a bad one is refused now, not after the whole statistics stage.
+    open_instance_images(config.train.instance_data_dir, config.model.path)
     connect(config.ray)
     timings: dict[str, float] = {}
     started = time.perf_counter()

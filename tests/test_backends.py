@@ -52,6 +52,28 @@ def test_sd_timestep_plan_is_exactly_diffusers(name, steps, capsys):
     assert json.loads(capsys.readouterr().out) == expected
 
 
+def test_timesteps_and_validate_say_when_the_plan_repeats_timesteps(capsys):
+    path = str(ensure_tiny_model("tiny"))
+    reference = EXPECTED["dpm++2m-karras"](path)
+    reference.set_timesteps(50)
+    expected = [int(t) for t in reference.timesteps]
+    assert expected[-3:] == [1, 1, 0]  # Karras sigmas near 0 round to one timestep: the UNet is called twice at t=1
+    note = ("the plan repeats timesteps (1 ×2: 50 UNet calls at 49 distinct timesteps); the statistics keep one "
+            "covariance per distinct timestep, holding every call at it, and the global covariance weights each "
+            "timestep by its number of calls")
+    karras = ["--set", "sampling.scheduler=dpm++2m-karras", "--set", "sampling.num_inference_steps=50"]
+    assert cli_main(["timesteps", "configs/tiny.yaml", *karras]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == expected and err == f"nullbooth: note: {note}\n"
+    assert cli_main(["validate", "configs/tiny.yaml", *karras]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith(f"# timestep plan (dpm++2m-karras, 50 steps): {expected}\n# note: {note}\n") and err == ""
+    assert cli_main(["timesteps", "configs/tiny.yaml"]) == 0  # DDIM at 4 steps: no repeat, nothing said
+    assert capsys.readouterr().err == ""
+    assert cli_main(["validate", "configs/tiny.yaml"]) == 0
+    assert "# note:" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("steps, original", [(4, None), (2, 50), (8, 20)])
 def test_lcm_timestep_plan_uses_original_inference_steps(steps, original):
     path = str(ensure_tiny_model("tiny-lcm"))

@@ -274,6 +274,10 @@ def test_bases_and_covariances_for_every_protected_layer(base, ref):
     (lambda m: m["layers"].update({"../../etc/passwd": {"in_features": 4, "side": "image"}}), "field 'layers' must be"),
     (lambda m: next(iter(m["image_rows"].values())).popitem(), "field 'image_rows' must count every image-side layer"),
     (lambda m: m["null_dims"]["timesteps"].popitem(), "field 'null_dims' must list every image-side layer"),
+    (lambda m: m.update(plan=m["plan"][:-1]), "field 'plan' must be the sampler's plan"),
+    (lambda m: m.update(plan=list(reversed(m["plan"]))), "field 'plan' must be the sampler's plan"),
+    (lambda m: m.update(timesteps=m["timesteps"] + m["timesteps"][-1:]), "field 'timesteps' must be a non-empty "
+                                                                          "list of distinct integers"),
 ])
 def test_a_tampered_manifest_is_refused(base, tmp_path, tamper, message):
     _, run_dir, _ = base
@@ -372,3 +376,47 @@ def test_an_error_inside_an_actor_reaches_the_user_as_one_message(ray_local, tmp
     found = user_error(err.value)
     assert found is not None and str(found).startswith("covariance.layers: pattern 'attn2.to_qq' matches no linear")
     ray.kill(actor)
+
+
+# -- a sampler whose plan repeats timesteps ----------------------------------------------------------------------------
+def test_a_plan_that_repeats_timesteps_builds_with_call_weighted_global_covariance(ray_local, tmp_path):
+    """dpm++2m-karras at 50 steps calls the UNet twice at t=1. Each distinct timestep is one key holding every call
+    at it; the global covariance weights it by its calls (stats/moments.py), which makes it Σ xxᵀ / n over every key
+    of the trajectory. Checked against the independent single-process reference and the plan counted here."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    config = make_config(tmp_path / "run", "sampling.scheduler=dpm++2m-karras", "sampling.num_inference_steps=50",
+                         "preserve.max_prompts=4", "preserve.holdout=1", "covariance.batch_size=2",
+                         "covariance.eigh_group_size=128", "covariance.layers=[attn2.to_q]")
+    summary = build_covariance(config)
+    expected = reference(config)
+    plan = expected["plan"]
+    calls = Counter(plan)
+    assert len(plan) == 50 and plan[-3:] == [1, 1, 0] and calls[1] == 2 and len(calls) == 49  # the case at hand
+    run = RunDir(str(tmp_path / "run"))
+    manifest = manifest_module.read_manifest(run)
+    assert manifest.plan == plan and manifest.timesteps == list(dict.fromkeys(plan))
+    assert sorted(p.name for p in (tmp_path / "run" / "covariance").glob("t[0-9]*")) == sorted(
+        f"t{t:04d}.safetensors" for t in calls)
+    per_t = {t: load_file(str(tmp_path / "run" / "covariance" / f"t{t:04d}.safetensors")) for t in calls}
+    glob = load_file(str(tmp_path / "run" / "covariance" / "global.safetensors"))
+    for name in manifest.image_layers:
+        rows = {t: manifest.image_rows[str(t)][name] for t in calls}
+        assert rows[1] == 2 * rows[999] == expected["rows"][1][name]  # both calls at t=1 are in its one key
+        for t in calls:
+            assert rel_err(per_t[t][name] * rows[t], expected["sums"][t][name]) < 1e-12, (t, name)
+        by_calls = sum(calls[t] * per_t[t][name] for t in calls) / len(plan)
+        all_keys = sum(expected["sums"][t][name] for t in calls) / sum(rows.values())  # Σ xxᵀ / n, whole trajectory
+        distinct = sum(per_t[t][name] for t in calls) / len(calls)
+        assert rel_err(glob[name], by_calls) < 1e-12 and rel_err(glob[name], all_keys) < 1e-12
+        assert rel_err(glob[name], distinct) > 1e-4  # the rule is visible: not the mean over distinct timesteps
+    assert "1 ×2" in summary_text(summary)
+    assert build_covariance(config)["reused"]  # the manifest check accepts its own plan
+
+
+def summary_text(summary) -> str:
+    from nullbooth.stats.summary import format_summary
+
+    return format_summary(summary)

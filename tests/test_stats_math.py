@@ -19,6 +19,7 @@ from nullbooth.stats.moments import (
     state_mean,
     state_means,
     text_row_count,
+    timestep_calls,
     timestep_mean,
     total_rows,
 )
@@ -101,6 +102,24 @@ def test_global_covariance_is_the_mean_over_timesteps():
     means = timestep_mean(total, len(per_t))
     for key in ("a", "b"):
         np.testing.assert_allclose(means[key], np.mean([covs[key] for covs in per_t], axis=0), rtol=1e-14, atol=1e-15)
+
+
+def test_a_repeated_timestep_weighs_by_its_calls_in_the_global_covariance():
+    """Plan [9, 5, 1, 1, 0]: t=1 is one key holding both calls; global C = Σ_t c_t·C[t] / 5, which equals Σ xxᵀ / n
+    over every call's rows (every call has the same number of rows)."""
+    plan = [9, 5, 1, 1, 0]
+    assert timestep_calls(plan) == {9: 1, 5: 1, 1: 2, 0: 1} and list(timestep_calls(plan)) == [9, 5, 1, 0]
+    rng = np.random.default_rng(5)
+    per_call = [rng.standard_normal((7, 3)) for _ in plan]  # the rows each UNet call sees
+    sums: dict = {}
+    for t, x in zip(plan, per_call):
+        sums[t] = sums.get(t, 0) + x.T @ x
+    total: dict = {}
+    for t, c in timestep_calls(plan).items():
+        add_to_timestep_sum(total, {"a": sums[t] / (7 * c)}, ["a"], calls=c)
+    every_row = np.concatenate(per_call)
+    np.testing.assert_allclose(timestep_mean(total, len(plan))["a"], every_row.T @ every_row / len(every_row),
+                               rtol=1e-12)
 
 
 def test_split_layers_keeps_table_order():

@@ -7,7 +7,8 @@
    batches (stats/dealer.py), redoing every batch of an actor that dies.
 3. Per timestep, tree-reduce the live actors' sums (stats/reduce.py), write the mean covariances, and queue their
    eigendecompositions (stats/decompose.py, stats/spectrum.py) in groups of `covariance.eigh_group_size` (layers
-   and timesteps mixed); the global covariance is the mean over timesteps, the text covariance is reduced once.
+   and timesteps mixed); the global covariance is the mean over the plan's UNet calls (a timestep the plan repeats
+   is reduced once and weighted by its calls, see stats/moments.py), the text covariance is reduced once.
    The math of every step is in stats/moments.py; this module only orchestrates.
 4. Release the actors, collect the bases as they finish and write each projection file when complete, then write
    the manifest last. On any error every file written so far is removed: nothing half-written is left behind.
@@ -53,6 +54,7 @@ from nullbooth.stats.moments import (
     add_to_timestep_sum,
     state_mean,
     state_means,
+    timestep_calls,
     timestep_mean,
 )
 from nullbooth.stats.reduce import tree_reduce
@@ -223,21 +225,23 @@ class _Outputs:
 
 
 def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
-    """Tree-reduce "text" then every timestep, writing the mean covariances and queueing their eigendecompositions."""
+    """Tree-reduce "text" then every distinct timestep, writing the mean covariances and queueing their
+    eigendecompositions."""
     plan: list[int] = info["timesteps"]
+    calls = timestep_calls(plan)
     _, image_layers = split_layers(info["layers"])
     thr = config.projection.threshold
     out = _Outputs(writer, Decomposer(config.covariance.eigh_group_size, thr.kind, thr.value, cluster_has_gpu()),
                    STORED_DTYPES[config.covariance.dtype])
-    bar = telemetry.progress(len(plan) + 1, "covariance: tree reduction", unit="state")
+    bar = telemetry.progress(len(calls) + 1, "covariance: tree reduction", unit="state")
     done = telemetry.gauge("stats_reduced_states", "states (text + timesteps) tree-reduced")
     try:
         text_rows = _reduce_text(dealer, out)
         bar.update(1)
         image_rows: dict[str, dict[str, int]] = {}
         timestep_sum: dict[str, np.ndarray] = {}
-        for i, t in enumerate(plan):
-            image_rows[str(t)] = _reduce_timestep(t, dealer, image_layers, out, timestep_sum)
+        for i, (t, n_calls) in enumerate(calls.items()):
+            image_rows[str(t)] = _reduce_timestep(t, n_calls, dealer, image_layers, out, timestep_sum)
             bar.update(1)
             done.set(i + 2)
         global_cov = timestep_mean(timestep_sum, len(plan))
@@ -260,10 +264,10 @@ def _reduce_text(dealer: Dealer, out: _Outputs) -> int:
     return int(text["rows"]["text"])
 
 
-def _reduce_timestep(t: int, dealer: Dealer, image_layers: list[str], out: _Outputs,
+def _reduce_timestep(t: int, n_calls: int, dealer: Dealer, image_layers: list[str], out: _Outputs,
                      timestep_sum: dict[str, np.ndarray]) -> dict[str, int]:
-    """Reduce timestep t: write every C[layer, t], queue their bases, add them to `timestep_sum`; returns the
-    image-side layers' row counts at t."""
+    """Reduce timestep t (all its `n_calls` UNet calls): write every C[layer, t], queue their bases, add them to
+    `timestep_sum` weighted by `n_calls`; returns the image-side layers' row counts at t."""
     ref, _ = tree_reduce(dealer.states(t))
     total = ray.get(ref)
     del ref
@@ -274,7 +278,7 @@ def _reduce_timestep(t: int, dealer: Dealer, image_layers: list[str], out: _Outp
     covs = state_means(total)
     out.put(t, covs, {name: covs[name] for name in image_layers})
     out.decomposer.flush()  # one timestep's layers at once, so its groups can be balanced by size
-    add_to_timestep_sum(timestep_sum, covs, image_layers)
+    add_to_timestep_sum(timestep_sum, covs, image_layers, n_calls)
     return {name: int(total["rows"][name]) for name in image_layers}
 
 
@@ -287,6 +291,7 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
               started: float) -> dict[str, Any]:
     spectra = result["spectra"]
     plan = info["timesteps"]
+    collected = list(timestep_calls(plan))  # distinct, in order of first use: one file and basis each
     _, image_layers = split_layers(info["layers"])
     return {
         "format_version": FORMAT_VERSION,
@@ -294,7 +299,8 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
         "model": {"path": config.model.path, "revision": config.model.revision, "dtype": config.model.dtype,
                   "fingerprint": info["fingerprint"]},
         "scheduler": info["scheduler"],
-        "timesteps": plan,
+        "timesteps": collected,
+        "plan": plan,
         "guidance_scale": config.sampling.guidance_scale,
         "uses_guidance": info["uses_guidance"],
         "negative_prompt": config.sampling.negative_prompt,
@@ -309,7 +315,7 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
         "null_dims": {"text": spectra["text"]["text"].null_dim,
                       "global": {name: spectra["global"][name].null_dim for name in image_layers},
                       "timesteps": {str(t): {name: spectra[t][name].null_dim for name in image_layers}
-                                    for t in plan}},
+                                    for t in collected}},
         "spectra": {"text": _spectrum_summary(spectra["text"]["text"]),
                     "global": {name: _spectrum_summary(spectra["global"][name]) for name in image_layers}},
         "config": result_config(config),

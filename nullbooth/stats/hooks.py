@@ -2,7 +2,8 @@
 
 A pre-hook on the UNet reads the timestep of every call (the scheduler's own, so the statistics follow exactly the
 trajectory the sampler takes); pre-hooks on each image-side protected layer add `XᵀX` of the layer's input into
-that timestep's float64 accumulator. The hooks only read the inputs the UNet computes anyway: nothing is
+that timestep's float64 accumulator. A timestep the plan repeats (`dpm++2m-karras`: `[..., 2, 1, 1, 0]`) has one
+accumulator, which every call at that timestep adds to; moments.py says how the global covariance weights it. The hooks only read the inputs the UNet computes anyway: nothing is
 recomputed (no attention is redone) and no activation is kept after its product is added.
 
 Text-side keys (`attn2.to_k` / `attn2.to_v` read `encoder_hidden_states`) are added once per prompt from the
@@ -25,7 +26,8 @@ PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class KeyStatistics:
-    """float64 `Σ xxᵀ` and row counts: one text-side sum, and one per (timestep, image-side layer)."""
+    """float64 `Σ xxᵀ` and row counts: one text-side sum, and one per (distinct timestep, image-side layer).
+    `timesteps` is the sampler's plan, repeats included."""
 
     def __init__(self, unet: torch.nn.Module, layers: dict[str, torch.nn.Linear], timesteps: list[int],
                  product_dtype: str = "float32", device: torch.device | str = "cpu"):

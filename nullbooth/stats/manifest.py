@@ -3,7 +3,12 @@ with a config.
 
 The manifest is written LAST: its presence marks the statistics complete. `Manifest` has one field per JSON key
 (see ../shared/DESIGN.md, "On-disk layout") and answers the questions every later stage asks of it: which layers
-are text-side and which image-side, and the null-space dimension of a layer at a timestep. A manifest is checked
+are text-side and which image-side, and the null-space dimension of a layer at a timestep.
+
+`timesteps` lists the distinct timesteps collected, in order of first use: each has its files and its bases.
+`plan` is the sampler's whole plan, repeats included (`dpm++2m-karras` calls the UNet twice at t=1 at 50 steps);
+the number of calls at each timestep weights it in the global covariance (stats/moments.py). A manifest without
+`plan` (written before plans could repeat) has plan = timesteps. A manifest is checked
 strictly when read, so a tampered or truncated one is refused with an error naming the field.
 """
 
@@ -19,6 +24,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.layout import MANIFEST, covariance_file, projection_file
 from nullbooth.models.layers import key_side
 from nullbooth.prompts import preserved_prompts
+from nullbooth.stats.moments import timestep_calls
 from nullbooth.storage import RunDir
 
 FORMAT_VERSION = 1
@@ -40,7 +46,7 @@ class Manifest:
     backend: str
     model: dict[str, Any]  # path, revision, dtype, fingerprint
     scheduler: dict[str, Any]  # name, class, config
-    timesteps: list[int]  # the sampler's plan, in sampling order
+    timesteps: list[int]  # the distinct timesteps collected, in order of first use
     guidance_scale: float
     uses_guidance: bool
     prompts: list[str]
@@ -56,7 +62,18 @@ class Manifest:
     product_dtype: str = "float32"
     spectra: dict[str, Any] = field(default_factory=dict)  # {"text": {tau, eig_min, eig_max}, "global": {layer: ...}}
     collection: dict[str, Any] = field(default_factory=dict)
+    plan: list[int] | None = None  # the sampler's plan, repeats included; None: the same as `timesteps`
     format_version: int = FORMAT_VERSION
+
+    @property
+    def timestep_plan(self) -> list[int]:
+        """The sampler's plan in sampling order, a repeated timestep once per UNet call."""
+        return list(self.plan) if self.plan is not None else list(self.timesteps)
+
+    @property
+    def calls(self) -> dict[int, int]:
+        """UNet calls per collected timestep (its weight in the global covariance)."""
+        return timestep_calls(self.timestep_plan)
 
     @property
     def image_layers(self) -> list[str]:
@@ -152,6 +169,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
             raise NullBoothError(f"{where}: required field {name!r} is missing")
         if not check(manifest[name]):
             raise NullBoothError(f"{where}: field {name!r} must be {expected}")
+    plan = manifest.get("plan")
+    if plan is not None and not (isinstance(plan, list) and all(_is_int(t) for t in plan)
+                                 and list(timestep_calls(plan)) == manifest["timesteps"]):
+        raise NullBoothError(f"{where}: field 'plan' must be the sampler's plan: a list of integers whose distinct "
+                             "values, in order of first use, are 'timesteps'")
     steps = [str(t) for t in manifest["timesteps"]]
     text_layers, image_layers = split_layers(manifest["layers"])
     image_layers = sorted(image_layers)
@@ -182,7 +204,7 @@ def has_manifest(run: RunDir) -> bool:
 
 def missing_files(run: RunDir, manifest: Manifest) -> list[str]:
     """The covariance and projection files a complete run with this manifest must hold but does not."""
-    stems = ["text", "global", *manifest.timesteps]
+    stems = ["text", "global", *manifest.timesteps]  # distinct: a repeated timestep has one file
     return [rel for which in stems for rel in (covariance_file(which), projection_file(which)) if not run.exists(rel)]
 
 
@@ -233,8 +255,8 @@ def manifest_mismatches(manifest: Manifest, config: Config, fingerprint: str | N
         from nullbooth.models.backends import get_backend
 
         timesteps = get_backend(config).timestep_plan()
-    if manifest.timesteps != list(timesteps):
-        found.append(f"timesteps: run has {manifest.timesteps}, the configured sampler gives {list(timesteps)}")
+    if manifest.timestep_plan != list(timesteps):
+        found.append(f"timesteps: run has {manifest.timestep_plan}, the configured sampler gives {list(timesteps)}")
     kept, held = prompts if prompts is not None else preserved_prompts(config)
     if manifest.prompts != kept:
         found.append(f"prompts: the run measured {len(manifest.prompts)} prompts, the config gives "

@@ -2,7 +2,21 @@
 
 The keys of a protected layer are the rows of its input; its covariance is the uncentred mean second moment
 `C = (1/n)·Σ x xᵀ`, summed in float64 over the n rows. Per timestep for image-side layers, once for the text side;
-the global covariance of an image-side layer is the mean over timesteps of its per-timestep covariances.
+the global covariance of an image-side layer is the mean of its per-timestep covariances over the sampler's UNet
+calls.
+
+Repeated timesteps. Some samplers call the UNet more than once at the same integer timestep: `dpm++2m-karras` plans
+`[..., 2, 1, 1, 0]` at 50 steps, because neighbouring Karras sigmas round to one timestep. Such a timestep t is ONE
+key: `C[layer, t]` holds the rows of every call at t (its n counts them all), and it has one covariance file and one
+basis. The global covariance weights each distinct timestep by its number of calls c_t:
+
+    C[layer] = Σ_t c_t · C[layer, t] / Σ_t c_t          (Σ_t c_t = the length of the plan)
+
+Every call sees the same number of rows r (batch × guidance branches × image tokens), so n_t = c_t · r and this is
+exactly `Σ xxᵀ / n` over every key the layer received along the whole trajectory: the covariance's own definition,
+whatever integer labels the calls happen to round to. A mean over distinct timesteps would instead halve the weight
+of the keys of a repeated call, which the sampler really ran, because of a rounding artefact. For a plan without
+repeats (every c_t = 1) the rule is the plain mean over timesteps, computed with the same operations as before.
 
 The sums travel as a reduction state: `{"sums": {key: Σ xxᵀ (float64 numpy array)}, "rows": {key: n}}`, numpy so
 that Ray moves them through its object store without copies (stats/reduce.py adds them pairwise in a tree).
@@ -89,12 +103,24 @@ def state_means(state: State) -> dict[str, np.ndarray]:
     return {key: state_mean(state, key) for key in state["sums"]}
 
 
-def add_to_timestep_sum(total: dict[str, np.ndarray], covs: dict[str, np.ndarray], keys: Iterable[str]) -> None:
-    """total[k] ← total[k] + C[k, t] for each key k, one timestep t at a time (the first C is copied, not kept)."""
+def timestep_calls(plan: Iterable[int]) -> dict[int, int]:
+    """c_t: the number of UNet calls at each distinct timestep t of a plan, in order of first use."""
+    calls: dict[int, int] = {}
+    for t in plan:
+        calls[t] = calls.get(t, 0) + 1
+    return calls
+
+
+def add_to_timestep_sum(total: dict[str, np.ndarray], covs: dict[str, np.ndarray], keys: Iterable[str],
+                        calls: int = 1) -> None:
+    """total[k] ← total[k] + c_t · C[k, t] for each key k, one distinct timestep t at a time (c_t: its calls; the
+    first C is copied, not kept)."""
     for key in keys:
-        total[key] = total[key] + covs[key] if key in total else covs[key].copy()
+        term = covs[key] if calls == 1 else calls * covs[key]
+        total[key] = total[key] + term if key in total else np.array(term, copy=True)
 
 
-def timestep_mean(total: dict[str, np.ndarray], n_timesteps: int) -> dict[str, np.ndarray]:
-    """The global covariance C[k] = (1/T)·Σ_t C[k, t], from the sums of `add_to_timestep_sum` over T timesteps."""
-    return {key: s / n_timesteps for key, s in total.items()}
+def timestep_mean(total: dict[str, np.ndarray], n_calls: int) -> dict[str, np.ndarray]:
+    """The global covariance C[k] = Σ_t c_t · C[k, t] / Σ_t c_t, from the sums of `add_to_timestep_sum`; `n_calls` =
+    Σ_t c_t, the length of the plan (T when no timestep repeats)."""
+    return {key: s / n_calls for key, s in total.items()}

@@ -10,6 +10,18 @@ from typing import Any
 
 from nullbooth.formatting import number
 from nullbooth.stats.manifest import Manifest
+from nullbooth.stats.moments import timestep_calls
+
+
+def plan_note(plan: list[int]) -> str | None:
+    """One line saying which timesteps a sampler's plan repeats and how the statistics treat them (None: no repeat)."""
+    calls = timestep_calls(plan)
+    repeated = [f"{t} ×{c}" for t, c in calls.items() if c > 1]
+    if not repeated:
+        return None
+    return (f"the plan repeats timesteps ({', '.join(repeated)}: {len(plan)} UNet calls at {len(calls)} distinct "
+            "timesteps); the statistics keep one covariance per distinct timestep, holding every call at it, and "
+            "the global covariance weights each timestep by its number of calls")
 
 
 def empty_null_spaces(manifest: Manifest) -> tuple[list[str], list[str]]:
@@ -39,7 +51,7 @@ def summarize(manifest: Manifest, run_uri: str, reused: bool, **extra: Any) -> d
     warnings, _ = empty_null_spaces(manifest)
     return {"run_dir": run_uri, "reused": reused, "backend": manifest.backend, "fingerprint": manifest.fingerprint,
             "prompts": len(manifest.prompts), "holdout_prompts": len(manifest.holdout_prompts),
-            "timesteps": list(manifest.timesteps), "text_rows": manifest.text_rows, "image_rows": manifest.image_rows,
+            "timesteps": list(manifest.timesteps), "plan": manifest.timestep_plan, "text_rows": manifest.text_rows, "image_rows": manifest.image_rows,
             "layers": layers, "warnings": warnings, **manifest.collection, **extra}
 
 
@@ -61,5 +73,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows = summary["image_rows"][str(t)]
         counts = list(rows.values()) or [0]
         lines.append(f"  {t:>8}  {sum(counts):>23}  {min(counts)} .. {max(counts)}")
+    note = plan_note(summary["plan"])
+    lines += [f"  note: {note}"] if note else []
     lines += [f"  warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
