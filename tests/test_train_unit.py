@@ -323,3 +323,109 @@ def test_gradient_checkpointing_changes_memory_not_results(fake_run, images):
     train_steps(checkpointed, 2)
     for name, param in plain.trainable.items():
         torch.testing.assert_close(checkpointed.trainable[name], param, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint integrity (issue 10, item 7)
+
+
+@pytest.fixture
+def saved_state(fake_run, images, tmp_path):
+    worker, _ = make_worker(fake_run, images, "projection.mode=none")
+    train_steps(worker, 1)
+    save_training_state(tmp_path, step=1, samples_seen=2, signature={"k": 1}, trainable=worker.trainable,
+                        optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler, rng=[worker.rng()])
+    return tmp_path
+
+
+def test_checkpoint_state_records_the_digest_of_every_file(saved_state):
+    import hashlib
+
+    state = json.loads((saved_state / "state.json").read_text())
+    assert state["files"] == {name: hashlib.sha256((saved_state / name).read_bytes()).hexdigest()
+                              for name in ("optimizer.safetensors", "rng.safetensors", "trainable.safetensors")}
+    assert load_training_state(saved_state).step == 1
+
+
+def rewrite_state(directory, edit):
+    """state.json edited by `edit(state)`, its own digest recomputed as a careful forger would."""
+    import hashlib
+
+    state = json.loads((directory / "state.json").read_text())
+    edit(state)
+    state.pop("digest")
+    state["digest"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    (directory / "state.json").write_text(json.dumps(state))
+
+
+def test_a_tampered_checkpoint_is_refused_by_name_and_never_unpickled(saved_state):
+    import hashlib
+    import pickle
+
+    where = f"checkpoint {saved_state}: "
+
+    def refused() -> str:
+        with pytest.raises(NullBoothError) as err:
+            load_training_state(saved_state)
+        assert "\n" not in str(err.value) and str(err.value).startswith(where)
+        return str(err.value)[len(where):]
+
+    original = (saved_state / "state.json").read_text()
+    (saved_state / "state.json").write_text(original[:-20])
+    assert refused().startswith("state.json is not valid JSON (")
+    (saved_state / "state.json").write_text(original.replace('"step": 1', '"step": 5'))
+    assert refused() == "state.json: its content does not match its digest (the file was edited)"
+    (saved_state / "state.json").write_text(original)
+    rewrite_state(saved_state, lambda s: s.update(step="one"))
+    assert refused() == "state.json: field 'step' must be a non-negative integer"
+    (saved_state / "state.json").write_text(original)
+    rewrite_state(saved_state, lambda s: s.pop("scaler"))
+    assert refused() == "state.json: field 'scaler' is missing (written by an older NullBooth?)"
+    (saved_state / "state.json").write_text(original)
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    payload = pickle.dumps({"torch.0": Boom()})
+    rng = (saved_state / "rng.safetensors").read_bytes()
+    (saved_state / "rng.safetensors").write_bytes(payload)
+    assert refused() == "rng.safetensors does not match the sha256 recorded in state.json (changed or replaced)"
+    rewrite_state(saved_state, lambda s: s["files"].update({"rng.safetensors": hashlib.sha256(payload).hexdigest()}))
+    assert refused().startswith("rng.safetensors is not a valid safetensors file (")
+    (saved_state / "state.json").write_text(original)
+    (saved_state / "rng.safetensors").write_bytes(rng)
+    assert load_training_state(saved_state).step == 1  # restored: loads again
+    (saved_state / "trainable.safetensors").unlink()
+    assert refused() == "trainable.safetensors is missing"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 loss scale (issue 10, item 12)
+
+
+def test_the_gradient_scaler_state_is_checkpointed_and_restored_exactly(fake_run, images, tmp_path):
+    """The loss scale grows every step here (growth_interval 1); a resumed worker must continue from the scale
+    the run had reached, not from its initial scale. A CPU GradScaler stands in for CUDA's: same state."""
+    def worker_with_scaler():
+        worker, _ = make_worker(fake_run, images, "projection.mode=global")
+        worker.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+        return worker
+
+    straight = worker_with_scaler()
+    train_steps(straight, 3)
+    first = worker_with_scaler()
+    train_steps(first, 2)
+    assert first.scaler.get_scale() == 2.0 ** 12
+    save_training_state(tmp_path, step=first.step, samples_seen=first.samples_seen, signature={}, rng=[first.rng()],
+                        trainable=first.trainable, optimizer=first.optimizer, lr_scheduler=first.lr_scheduler,
+                        scaler=first.scaler)
+    state = load_training_state(tmp_path)
+    assert state.scaler == first.scaler.state_dict()
+    resumed = worker_with_scaler()
+    resumed.restore(state)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    train_steps(resumed, 1)
+    assert resumed.scaler.get_scale() == straight.scaler.get_scale() == 2.0 ** 13
+    for name, param in straight.trainable.items():
+        assert torch.equal(param, resumed.trainable[name]), name

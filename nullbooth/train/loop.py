@@ -165,13 +165,14 @@ def _report(worker, metrics: dict[str, float], progress: _Progress | None) -> di
 
 
 def _write_checkpoint(directory: Path, worker, rng: list[dict], replica_diff: float) -> dict[str, Any]:
-    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report."""
-    save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,
-                        trainable=worker.trainable, optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler,
-                        rng=rng)
+    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report.
+    The training state goes last: its state.json records the digests of the other files."""
     save_lora(type(worker.pipe), directory / LORA_DIR, worker.pairs, worker.lora_config)
     report = worker.report(replica_diff)
     (directory / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,
+                        trainable=worker.trainable, optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler,
+                        rng=rng, scaler=worker.scaler)
     log.debug("checkpoint of step %d written to %s", worker.step, directory)
     return report
 

@@ -326,7 +326,8 @@ class Worker:
 
     # -- resume ----------------------------------------------------------------------------------------------------
     def restore(self, state: TrainingState) -> None:
-        """Continue from a checkpoint: LoRA parameters, optimizer, LR scheduler, counters and RNG states."""
+        """Continue from a checkpoint: LoRA parameters, optimizer, LR scheduler, gradient scaler, counters and RNG
+        states."""
         diffs = signature_mismatches(state.signature, self.signature)
         if diffs:
             raise NullBoothError(f"train.name {self.tc.name!r}: its checkpoint was made with another configuration "
@@ -336,6 +337,8 @@ class Worker:
                 param.copy_(state.trainable[name])
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.scaler is not None and state.scaler:  # fp16: the loss scale and its growth tracker
+            self.scaler.load_state_dict(state.scaler)
         self.step, self.samples_seen = state.step, state.samples_seen
         report = state.report or {}
         self.loss_history = list(report.get("loss_history", []))
