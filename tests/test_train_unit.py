@@ -401,7 +401,7 @@ def test_a_tampered_checkpoint_is_refused_by_name_and_never_unpickled(saved_stat
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fp16 loss scale (issue 10, item 12)
+# fp16 loss scale (issue 10, item 12) and DDP buffers (item 13)
 
 
 def test_the_gradient_scaler_state_is_checkpointed_and_restored_exactly(fake_run, images, tmp_path):
@@ -429,3 +429,35 @@ def test_the_gradient_scaler_state_is_checkpointed_and_restored_exactly(fake_run
     assert resumed.scaler.get_scale() == straight.scaler.get_scale() == 2.0 ** 13
     for name, param in straight.trainable.items():
         assert torch.equal(param, resumed.trainable[name]), name
+
+
+def test_ddp_does_not_broadcast_the_constant_bases_every_forward(fake_run, images, monkeypatch):
+    """The loop wraps the UNet with distributed.data_parallel (Ray Train's prepare_model, given DDP's options);
+    here prepare_model is replaced by a plain DDP wrapper in a one-process gloo group, and every broadcast that
+    DDP makes is counted."""
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nullbooth.train.distributed import data_parallel
+
+    worker, _ = make_worker(fake_run, images, "projection.mode=global")
+    bases = [name for name, _ in worker.unet.named_buffers()]
+    assert len(bases) == len(worker.plan.protected) and all(n.endswith(".basis") for n in bases)
+    calls = []
+    broadcast = dist._broadcast_coalesced
+    monkeypatch.setattr(dist, "_broadcast_coalesced", lambda *a, **k: calls.append(1) or broadcast(*a, **k))
+    monkeypatch.setattr(ray.train.torch, "prepare_model",
+                        lambda module, move_to_device, parallel_strategy, parallel_strategy_kwargs=None:
+                        DistributedDataParallel(module, **(parallel_strategy_kwargs or {})))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        worker.model = data_parallel(worker.unet, world=2)
+        assert isinstance(worker.model, DistributedDataParallel)
+        at_wrap = len(calls)  # DDP syncs parameters and buffers once, when it wraps the model
+        worker.train_step()
+        worker.train_step()
+        assert len(calls) == at_wrap
+        assert not worker.model.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()

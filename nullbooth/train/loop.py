@@ -37,7 +37,7 @@ from nullbooth.train.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from nullbooth.train.distributed import gather, replica_max_abs_diff
+from nullbooth.train.distributed import data_parallel, gather, replica_max_abs_diff
 from nullbooth.train.export import save_lora
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def _make_worker(loop_config: dict[str, Any], state: TrainingState | None, rank:
         log.info("rank %d resumes at step %d", rank, state.step)
     elif rank == 0:
         worker.eval_loss_initial = worker.eval_loss()
-    worker.model = ray.train.torch.prepare_model(worker.unet, move_to_device=False,
-                                                 parallel_strategy="ddp" if world > 1 else None)
+    worker.model = data_parallel(worker.unet, world)
     return worker
 
 
