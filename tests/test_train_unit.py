@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from run_fixtures import write_fake_statistics
+from safetensors.torch import load_file, save_file
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
@@ -21,9 +22,19 @@ from nullbooth.nullspace import preservation_error
 from nullbooth.stats.manifest import read_manifest
 from nullbooth.stats.store import load_bases
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import load_training_state, save_training_state
+from nullbooth.train.checkpoint import (
+    load_training_state,
+    save_training_state,
+    signature_mismatches,
+)
 from nullbooth.train.data import open_instance_images, stack_images, take
 from nullbooth.train.export import save_lora
+from nullbooth.train.inputs import (
+    check_statistics,
+    images_digest,
+    statistics_digest,
+    training_signature,
+)
 from nullbooth.train.projection import TimestepBuckets, effective_delta, plan_projection
 from nullbooth.train.worker import Worker
 
@@ -323,6 +334,136 @@ def test_gradient_checkpointing_changes_memory_not_results(fake_run, images):
     train_steps(checkpointed, 2)
     for name, param in plain.trainable.items():
         torch.testing.assert_close(checkpointed.trainable[name], param, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a checkpoint must agree on (issue 10, item 1)
+
+
+def signature_of(run_dir, *overrides, instance=None, klass=None, statistics="stats-a", targets=None):
+    """The training signature of a config over the fake run, with given image arrays and statistics digest."""
+    config = make_config(run_dir, "train.with_prior_preservation=true", "train.class_prompt=a photo of a teapot",
+                         *overrides)
+    manifest = read_manifest(RunDir(run_dir))
+    layers = {n: e["in_features"] for n, e in manifest.layers.items()}
+    plan = plan_projection(config, manifest, targets or layers)
+    instance = np.zeros((2, 8, 8, 3), np.uint8) if instance is None else instance
+    klass = np.ones((2, 8, 8, 3), np.uint8) if klass is None else klass
+    digests = {"statistics": statistics, "instance_images": images_digest(instance),
+               "class_images": images_digest(klass) if config.train.with_prior_preservation else None}
+    return training_signature(config, plan, "fp", 32, digests, manifest.threshold)
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    return [line.split(":", 1)[0] for line in signature_mismatches(a, b)]
+
+
+@pytest.mark.parametrize("override, keys", [
+    ("train.class_prompt=a photo of a kettle", ["class_prompt"]),
+    ("train.prior_loss_weight=0.5", ["prior_loss_weight"]),
+    ("train.num_class_images=3", ["num_class_images"]),
+    ("train.dropout=0.5", ["dropout"]),
+    ("train.max_grad_norm=0.5", ["max_grad_norm"]),
+    ("train.lr_scheduler=cosine", ["lr_schedule_steps", "lr_scheduler"]),  # cosine's LR depends on the step count
+    ("train.lr_warmup_steps=3", ["lr_warmup_steps"]),
+    ("train.gradient_accumulation_steps=2", ["gradient_accumulation_steps"]),
+    ("train.train_batch_size=3", ["train_batch_size"]),
+    ("train.num_workers=2", ["num_workers"]),
+    ("train.seed=1", ["seed"]),
+    ("train.learning_rate=0.5", ["learning_rate"]),
+    ("train.instance_prompt=a photo of zwx teapot", ["instance_prompt"]),
+    ("train.with_prior_preservation=false",
+     ["class_images", "class_prompt", "num_class_images", "prior_loss_weight", "with_prior_preservation"]),
+    # what only changes speed, memory, bookkeeping, or how far a constant-LR run goes, may change
+    ("train.max_train_steps=99", []),
+    ("train.checkpoint_every=1", []),
+    ("train.metrics_every=1", []),
+    ("train.name=other", []),
+    ("train.gradient_checkpointing=true", []),
+    ("train.cpus_per_worker=2", []),
+    ("train.mixed_precision=fp16", []),  # autocast runs on GPU only: without train.use_gpu nothing changes
+])
+def test_signature_names_every_training_input_that_changes_the_result(fake_run, override, keys):
+    assert differing_keys(signature_of(fake_run), signature_of(fake_run, override)) == keys
+
+
+def test_signature_covers_data_statistics_targets_and_fp16(fake_run):
+    base = signature_of(fake_run)
+    other = np.zeros((2, 8, 8, 3), np.uint8)
+    other[0, 0, 0, 0] = 1  # one pixel of one image
+    assert differing_keys(base, signature_of(fake_run, instance=other)) == ["instance_images"]
+    assert differing_keys(base, signature_of(fake_run, klass=other)) == ["class_images"]
+    assert differing_keys(base, signature_of(fake_run, statistics="stats-b")) == ["statistics"]
+    assert differing_keys(base, signature_of(fake_run, "train.use_gpu=true", "train.mixed_precision=fp16")) == [
+        "mixed_precision"]
+    cosine = signature_of(fake_run, "train.lr_scheduler=cosine")
+    assert differing_keys(cosine, signature_of(fake_run, "train.lr_scheduler=cosine", "train.max_train_steps=9")) == [
+        "lr_schedule_steps"]
+    manifest = read_manifest(RunDir(fake_run))
+    to_k = {n: e["in_features"] for n, e in manifest.layers.items() if n.endswith("attn2.to_k")}
+    assert differing_keys(base, signature_of(fake_run, "train.target_modules=[attn2.to_k]", targets=to_k)) == [
+        "protected", "targets"]
+    assert signature_of(fake_run) == base  # and it is deterministic
+
+
+def copy_run(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def test_statistics_are_checked_on_the_driver_and_their_digest_names_the_run(fake_run, tmp_path):
+    config = make_config(fake_run, "projection.mode=timestep")
+    manifest = read_manifest(RunDir(fake_run))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
+    _, files = check_statistics(config, plan)
+    assert sorted(files) == sorted(["covariance/manifest.json", "covariance/text.safetensors",
+                                    "covariance/global.safetensors", "covariance/t0501.safetensors",
+                                    "covariance/t0001.safetensors", "projection/text.safetensors",
+                                    "projection/t0501.safetensors", "projection/t0001.safetensors"])
+    digest = statistics_digest(manifest, files)
+    # The same statistics collected again (another date, another actor count) are the same statistics ...
+    same = copy_run(fake_run, tmp_path / "same")
+    data = json.loads((tmp_path / "same/covariance/manifest.json").read_text())
+    data["collection"] = {"created": "2031-01-01T00:00:00+00:00", "num_workers": 7}
+    (tmp_path / "same/covariance/manifest.json").write_text(json.dumps(data))
+    again_manifest, again = check_statistics(make_config(same, "projection.mode=timestep"), plan)
+    assert statistics_digest(again_manifest, again) == digest
+    # ... statistics with another basis (a valid file, under the same manifest) are not.
+    other = copy_run(same, tmp_path / "other")
+    tensors = load_file(f"{other}/projection/t0001.safetensors")
+    name = next(k for k in tensors if k.endswith(".basis"))
+    tensors[name] = -tensors[name]  # the same null space, another basis: every byte of it changes
+    save_file(tensors, f"{other}/projection/t0001.safetensors")
+    other_manifest, changed = check_statistics(make_config(other, "projection.mode=timestep"), plan)
+    assert other_manifest == again_manifest
+    assert [rel for rel in files if changed[rel] != again[rel]] == ["projection/t0001.safetensors"]
+    assert statistics_digest(other_manifest, changed) != digest
+
+
+def test_a_bad_statistics_file_is_refused_on_the_driver_and_a_changed_one_by_the_worker(fake_run, images, tmp_path):
+    import pickle
+
+    run_dir = copy_run(fake_run, tmp_path / "run")
+    config = make_config(run_dir, "projection.mode=global")
+    manifest = read_manifest(RunDir(run_dir))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
+    _, plan.files = check_statistics(config, plan)
+    basis = tmp_path / "run/projection/global.safetensors"
+    original = basis.read_bytes()
+    basis.write_bytes(pickle.dumps({"basis": [1.0, 2.0]}))
+    with pytest.raises(NullBoothError) as err:
+        check_statistics(config, plan)
+    assert str(err.value).startswith(f"{run_dir}/projection/global.safetensors is not a valid safetensors file (")
+    assert "\n" not in str(err.value)
+    # A valid file changed between the driver's check and the worker's read: refused by the worker, by name.
+    tensors = load_file(str(tmp_path / "run/projection/t0001.safetensors"))
+    basis.write_bytes(original)
+    save_file(tensors, str(tmp_path / "run/projection/text.safetensors"))
+    with pytest.raises(NullBoothError, match=rf"^{run_dir}/projection/text.safetensors: changed after the driver "
+                                             r"checked it \(sha256 [0-9a-f]{16}, checked [0-9a-f]{16}\)"):
+        Worker(config, plan, images, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
