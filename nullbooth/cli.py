@@ -116,7 +116,7 @@ def _build_cov(config: Config, args: argparse.Namespace) -> None:
 def _train(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.train.run import format_summary, train_all
 
-    for summary in train_all(config):  # to stderr, beside Ray Train's own output
+    for summary in train_all(config, force=args.force):  # to stderr, beside Ray Train's own output
         print(format_summary(summary), file=sys.stderr)
 
 
@@ -165,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_toy_model_train, reads_config=False, parser=p)
     p = command("build-cov", _build_cov, "stage 1: key covariances and null-space bases")
     p.add_argument("--force", action="store_true", help="overwrite a complete run made with another config")
-    command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")
+    p = command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")
+    p.add_argument("--force", action="store_true",
+                   help="delete train.name and train afresh if it holds a run of another configuration")
     p = command("generate", _generate, "stage 3: base vs fine-tuned samples and the report")
     p.add_argument("--prompt", default=None, help="generate just this prompt, quickly")
     p = command("run", _run, "all stages in one go (default config: configs/toy.yaml)", config="optional")
-    p.add_argument("--force", action="store_true", help="redo the statistics even if a run exists")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild statistics made with another config, and retrain a train.name made with another "
+                        "configuration (e.g. those statistics)")
     p = command("compare", _compare, "compare two runs (e.g. global vs none): one table and one plot", config=None)
     p.add_argument("run_a")
     p.add_argument("run_b")

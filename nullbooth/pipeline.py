@@ -2,7 +2,13 @@
 
 Each stage reuses what a previous run completed: build-cov keeps a complete run made with the same config, Ray
 Train returns at once for a finished run name (or resumes an interrupted one from its last checkpoint), and the
-generation redraws the report, which is cheap. Each stage's summary goes to `announce` as soon as the stage is done
+generation redraws the report, which is cheap.
+
+`force` goes to both the statistics and the training: statistics made with another config are rebuilt, and a
+train.name whose checkpoint was made with another configuration is deleted and trained afresh. The training
+signature holds a digest of the statistics, so after a rebuild that changed them a checkpoint of the old ones is
+never resumed nor republished: without `force` training refuses it (naming `statistics` among the differences),
+with `force` it starts over. A rebuild that reproduces the same statistics keeps the finished training. Each stage's summary goes to `announce` as soon as the stage is done
 (the CLI passes `print`; a library caller gets them in the log).
 """
 
@@ -37,7 +43,7 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     announce(format_statistics(statistics))
 
     started = time.perf_counter()
-    training = train_all(config)
+    training = train_all(config, force=force)
     timings["training_s"] = time.perf_counter() - started
     for summary in training:
         announce(format_training(summary))

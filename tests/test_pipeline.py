@@ -89,3 +89,25 @@ def test_run_with_a_config_for_another_model_is_refused_without_touching_the_run
     assert err.startswith("nullbooth: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "pass --force" in err and "backend" in err
     assert digest(run_dir / "covariance" / "manifest.json") == before
+
+
+def test_forced_run_on_other_prompts_retrains_and_the_next_run_reuses_it(lcm_run, capsys):
+    """After `run --force` rebuilt the statistics (other prompts), the training of the old statistics is neither
+    republished nor refused forever: the forced run trains afresh, and a plain run then reuses everything."""
+    run_dir, overrides, _ = lcm_run
+    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    before = digest(lora)
+    args = ["run", str(ROOT / "configs" / "tiny-lcm.yaml"),
+            *sum((["--set", o] for o in [*overrides, "preserve.max_prompts=14"]), [])]
+    assert cli_main([*args, "--force"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "reused complete run" not in out and "already finished" not in out
+    assert len(manifest_module.read_manifest(RunDir(str(run_dir))).prompts) == 11
+    assert digest(lora) != before
+    after = digest(lora)
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "reused complete run" in out and "already finished" in out
+    assert digest(lora) == after

@@ -193,7 +193,7 @@ def test_two_workers_survive_a_failure_stay_identical_and_match_one_worker(sd_st
     assert again["report"] == two["report"]
     with pytest.raises(NullBoothError, match=r"train.name 'two': .* holds a run with another configuration "
                                              r"\(rank: checkpoint has 4, config has 8\)"):
-        train(cfg(sd_stats, SD, "train.name=two", "train.rank=8"))
+        train(cfg(sd_stats, SD, "train.name=two", "train.num_workers=2", "train.train_batch_size=1", "train.rank=8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,3 +265,100 @@ def test_lcm_global_training_keeps_the_constraint_and_exports(ray_local, tmp_pat
     assert summary["report"]["eval_loss"]["final"] < summary["report"]["eval_loss"]["initial"]
     assert_export_reproduces(config, summary, "tiny-lcm")
     assert json.loads((Path(summary["lora_dir"]) / "report.json").read_text())["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint of other inputs is never returned nor resumed; artifacts are checked on the driver (issue 10)
+
+
+@pytest.fixture(scope="module")
+def stale_stats(ray_local, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train-stale") / "run"
+    build_covariance(cfg(run_dir, SD))
+    return run_dir
+
+
+def leak(lora: dict, bases: dict) -> float:
+    """max over layers of ‖ΔW(I − UUᵀ)‖ / ‖ΔW‖: how much of the update leaves the null space."""
+    ratios = []
+    for name, (up, down) in lora.items():
+        dw, u = up.double() @ down.double(), bases[name]
+        ratios.append(float((dw - (dw @ u) @ u.T).norm() / dw.norm()))
+    return max(ratios)
+
+
+def differences(message: str) -> list[str]:
+    """The keys a refusal names: 'key: checkpoint has ..., config has ...' entries inside its parentheses."""
+    import re
+
+    return re.findall(r"(?:\(|; )(\w+): checkpoint has", message)
+
+
+def test_changed_images_dropout_or_statistics_are_refused_not_returned_as_finished(stale_stats, tmp_path, capsys):
+    from nullbooth.cli import main as cli_main
+    from nullbooth.models.subject import draw_subject_image
+    from nullbooth.stats.store import load_bases
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i in range(3):
+        draw_subject_image(i, 32).save(subject / f"s{i}.png")
+    x = ["train.name=x", "train.max_train_steps=2", f"train.instance_data_dir={subject}"]
+    first = train(cfg(stale_stats, SD, *x))
+    lora_file = Path(first["lora_dir"]) / "pytorch_lora_weights.safetensors"
+    published = lora_file.read_bytes()
+    assert not first["already_finished"] and first["steps"] == 2
+    assert train(cfg(stale_stats, SD, *x))["already_finished"]
+
+    # The issue's repro: the same folder with other content, and dropout 0.5.
+    original = (subject / "s0.png").read_bytes()
+    draw_subject_image(9, 32).save(subject / "s0.png")
+    with pytest.raises(NullBoothError) as err:
+        train(cfg(stale_stats, SD, *x, "train.dropout=0.5"))
+    message = str(err.value)
+    assert message.startswith(f"train.name 'x': {stale_stats}/train/x holds a run with another configuration (")
+    assert message.endswith("); choose another train.name or storage_path, or pass --force to delete this run and "
+                            "train afresh")
+    assert differences(message) == ["dropout", "instance_images"]
+    assert "dropout: checkpoint has 0.0, config has 0.5" in message
+    (subject / "s0.png").write_bytes(original)
+
+    # Statistics rebuilt on other prompts: the old LoRA leaks out of the new null spaces, and is not republished.
+    rebuilt = cfg(stale_stats, SD, *x, "preserve.max_prompts=12")
+    build_covariance(rebuilt, force=True)
+    run = RunDir(str(stale_stats))
+    bases = load_bases(run, read_manifest(run), "global")
+    assert leak(lora_tensors(first["lora_dir"]), bases) > 0.05
+    with pytest.raises(NullBoothError) as err:
+        train(rebuilt)
+    assert differences(str(err.value)) == ["statistics"]
+    assert lora_file.read_bytes() == published
+    fresh = train(rebuilt, force=True)  # what `nullbooth run --force` does after rebuilding the statistics
+    assert not fresh["already_finished"] and fresh["resumed_from"] == [] and fresh["steps"] == 2
+    assert leak(lora_tensors(fresh["lora_dir"]), bases) < 1e-5
+
+    # A corrupt checkpoint, through the CLI: one line, exit 2, no traceback.
+    sets = sum((["--set", o] for o in [f"run_dir={stale_stats}", *SD, *COMMON, *x, "preserve.max_prompts=12"]), [])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    checkpoint = Path(fresh["checkpoint"])
+    state = (checkpoint / "state.json").read_text()
+    for name, data, problem in [
+            ("state.json", state[:-30].encode(), "state.json is not valid JSON ("),
+            ("trainable.safetensors", b"\x80\x04\x95pickle", "trainable.safetensors does not match the sha256 "
+                                                             "recorded in state.json (changed or replaced)")]:
+        kept = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data)
+        capsys.readouterr()
+        assert cli_main(["train", str(empty), *sets]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nullbooth: error: train.name 'x': checkpoint {checkpoint}: {problem}")
+        assert err.count("\n") == 1 and "Traceback" not in err
+        (checkpoint / name).write_bytes(kept)
+
+    # A statistics file replaced by a pickle: refused by the driver, before Ray Train makes the run's folder.
+    basis = stale_stats / "projection" / "global.safetensors"
+    basis.write_bytes(b"\x80\x04\x95pickle")
+    with pytest.raises(NullBoothError, match=rf"^{basis} is not a valid safetensors file \("):
+        train(cfg(stale_stats, SD, "train.name=y", "preserve.max_prompts=12"))
+    assert not (stale_stats / "train" / "y").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from run_fixtures import write_fake_statistics
+from safetensors.torch import load_file, save_file
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
@@ -21,9 +22,19 @@ from nullbooth.nullspace import preservation_error
 from nullbooth.stats.manifest import read_manifest
 from nullbooth.stats.store import load_bases
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import load_training_state, save_training_state
+from nullbooth.train.checkpoint import (
+    load_training_state,
+    save_training_state,
+    signature_mismatches,
+)
 from nullbooth.train.data import open_instance_images, stack_images, take
 from nullbooth.train.export import save_lora
+from nullbooth.train.inputs import (
+    check_statistics,
+    images_digest,
+    statistics_digest,
+    training_signature,
+)
 from nullbooth.train.projection import TimestepBuckets, effective_delta, plan_projection
 from nullbooth.train.worker import Worker
 
@@ -323,3 +334,271 @@ def test_gradient_checkpointing_changes_memory_not_results(fake_run, images):
     train_steps(checkpointed, 2)
     for name, param in plain.trainable.items():
         torch.testing.assert_close(checkpointed.trainable[name], param, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a checkpoint must agree on (issue 10, item 1)
+
+
+def signature_of(run_dir, *overrides, instance=None, klass=None, statistics="stats-a", targets=None):
+    """The training signature of a config over the fake run, with given image arrays and statistics digest."""
+    config = make_config(run_dir, "train.with_prior_preservation=true", "train.class_prompt=a photo of a teapot",
+                         *overrides)
+    manifest = read_manifest(RunDir(run_dir))
+    layers = {n: e["in_features"] for n, e in manifest.layers.items()}
+    plan = plan_projection(config, manifest, targets or layers)
+    instance = np.zeros((2, 8, 8, 3), np.uint8) if instance is None else instance
+    klass = np.ones((2, 8, 8, 3), np.uint8) if klass is None else klass
+    digests = {"statistics": statistics, "instance_images": images_digest(instance),
+               "class_images": images_digest(klass) if config.train.with_prior_preservation else None}
+    return training_signature(config, plan, "fp", 32, digests, manifest.threshold)
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    return [line.split(":", 1)[0] for line in signature_mismatches(a, b)]
+
+
+@pytest.mark.parametrize("override, keys", [
+    ("train.class_prompt=a photo of a kettle", ["class_prompt"]),
+    ("train.prior_loss_weight=0.5", ["prior_loss_weight"]),
+    ("train.num_class_images=3", ["num_class_images"]),
+    ("train.dropout=0.5", ["dropout"]),
+    ("train.max_grad_norm=0.5", ["max_grad_norm"]),
+    ("train.lr_scheduler=cosine", ["lr_schedule_steps", "lr_scheduler"]),  # cosine's LR depends on the step count
+    ("train.lr_warmup_steps=3", ["lr_warmup_steps"]),
+    ("train.gradient_accumulation_steps=2", ["gradient_accumulation_steps"]),
+    ("train.train_batch_size=3", ["train_batch_size"]),
+    ("train.num_workers=2", ["num_workers"]),
+    ("train.seed=1", ["seed"]),
+    ("train.learning_rate=0.5", ["learning_rate"]),
+    ("train.instance_prompt=a photo of zwx teapot", ["instance_prompt"]),
+    ("train.with_prior_preservation=false",
+     ["class_images", "class_prompt", "num_class_images", "prior_loss_weight", "with_prior_preservation"]),
+    # what only changes speed, memory, bookkeeping, or how far a constant-LR run goes, may change
+    ("train.max_train_steps=99", []),
+    ("train.checkpoint_every=1", []),
+    ("train.metrics_every=1", []),
+    ("train.name=other", []),
+    ("train.gradient_checkpointing=true", []),
+    ("train.cpus_per_worker=2", []),
+    ("train.mixed_precision=fp16", []),  # autocast runs on GPU only: without train.use_gpu nothing changes
+])
+def test_signature_names_every_training_input_that_changes_the_result(fake_run, override, keys):
+    assert differing_keys(signature_of(fake_run), signature_of(fake_run, override)) == keys
+
+
+def test_signature_covers_data_statistics_targets_and_fp16(fake_run):
+    base = signature_of(fake_run)
+    other = np.zeros((2, 8, 8, 3), np.uint8)
+    other[0, 0, 0, 0] = 1  # one pixel of one image
+    assert differing_keys(base, signature_of(fake_run, instance=other)) == ["instance_images"]
+    assert differing_keys(base, signature_of(fake_run, klass=other)) == ["class_images"]
+    assert differing_keys(base, signature_of(fake_run, statistics="stats-b")) == ["statistics"]
+    assert differing_keys(base, signature_of(fake_run, "train.use_gpu=true", "train.mixed_precision=fp16")) == [
+        "mixed_precision"]
+    cosine = signature_of(fake_run, "train.lr_scheduler=cosine")
+    assert differing_keys(cosine, signature_of(fake_run, "train.lr_scheduler=cosine", "train.max_train_steps=9")) == [
+        "lr_schedule_steps"]
+    manifest = read_manifest(RunDir(fake_run))
+    to_k = {n: e["in_features"] for n, e in manifest.layers.items() if n.endswith("attn2.to_k")}
+    assert differing_keys(base, signature_of(fake_run, "train.target_modules=[attn2.to_k]", targets=to_k)) == [
+        "protected", "targets"]
+    assert signature_of(fake_run) == base  # and it is deterministic
+
+
+def copy_run(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def test_statistics_are_checked_on_the_driver_and_their_digest_names_the_run(fake_run, tmp_path):
+    config = make_config(fake_run, "projection.mode=timestep")
+    manifest = read_manifest(RunDir(fake_run))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
+    _, files = check_statistics(config, plan)
+    assert sorted(files) == sorted(["covariance/manifest.json", "covariance/text.safetensors",
+                                    "covariance/global.safetensors", "covariance/t0501.safetensors",
+                                    "covariance/t0001.safetensors", "projection/text.safetensors",
+                                    "projection/t0501.safetensors", "projection/t0001.safetensors"])
+    digest = statistics_digest(manifest, files)
+    # The same statistics collected again (another date, another actor count) are the same statistics ...
+    same = copy_run(fake_run, tmp_path / "same")
+    data = json.loads((tmp_path / "same/covariance/manifest.json").read_text())
+    data["collection"] = {"created": "2031-01-01T00:00:00+00:00", "num_workers": 7}
+    (tmp_path / "same/covariance/manifest.json").write_text(json.dumps(data))
+    again_manifest, again = check_statistics(make_config(same, "projection.mode=timestep"), plan)
+    assert statistics_digest(again_manifest, again) == digest
+    # ... statistics with another basis (a valid file, under the same manifest) are not.
+    other = copy_run(same, tmp_path / "other")
+    tensors = load_file(f"{other}/projection/t0001.safetensors")
+    name = next(k for k in tensors if k.endswith(".basis"))
+    tensors[name] = -tensors[name]  # the same null space, another basis: every byte of it changes
+    save_file(tensors, f"{other}/projection/t0001.safetensors")
+    other_manifest, changed = check_statistics(make_config(other, "projection.mode=timestep"), plan)
+    assert other_manifest == again_manifest
+    assert [rel for rel in files if changed[rel] != again[rel]] == ["projection/t0001.safetensors"]
+    assert statistics_digest(other_manifest, changed) != digest
+
+
+def test_a_bad_statistics_file_is_refused_on_the_driver_and_a_changed_one_by_the_worker(fake_run, images, tmp_path):
+    import pickle
+
+    run_dir = copy_run(fake_run, tmp_path / "run")
+    config = make_config(run_dir, "projection.mode=global")
+    manifest = read_manifest(RunDir(run_dir))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
+    _, plan.files = check_statistics(config, plan)
+    basis = tmp_path / "run/projection/global.safetensors"
+    original = basis.read_bytes()
+    basis.write_bytes(pickle.dumps({"basis": [1.0, 2.0]}))
+    with pytest.raises(NullBoothError) as err:
+        check_statistics(config, plan)
+    assert str(err.value).startswith(f"{run_dir}/projection/global.safetensors is not a valid safetensors file (")
+    assert "\n" not in str(err.value)
+    # A valid file changed between the driver's check and the worker's read: refused by the worker, by name.
+    tensors = load_file(str(tmp_path / "run/projection/t0001.safetensors"))
+    basis.write_bytes(original)
+    save_file(tensors, str(tmp_path / "run/projection/text.safetensors"))
+    with pytest.raises(NullBoothError, match=rf"^{run_dir}/projection/text.safetensors: changed after the driver "
+                                             r"checked it \(sha256 [0-9a-f]{16}, checked [0-9a-f]{16}\)"):
+        Worker(config, plan, images, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint integrity (issue 10, item 7)
+
+
+@pytest.fixture
+def saved_state(fake_run, images, tmp_path):
+    worker, _ = make_worker(fake_run, images, "projection.mode=none")
+    train_steps(worker, 1)
+    save_training_state(tmp_path, step=1, samples_seen=2, signature={"k": 1}, trainable=worker.trainable,
+                        optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler, rng=[worker.rng()])
+    return tmp_path
+
+
+def test_checkpoint_state_records_the_digest_of_every_file(saved_state):
+    import hashlib
+
+    state = json.loads((saved_state / "state.json").read_text())
+    assert state["files"] == {name: hashlib.sha256((saved_state / name).read_bytes()).hexdigest()
+                              for name in ("optimizer.safetensors", "rng.safetensors", "trainable.safetensors")}
+    assert load_training_state(saved_state).step == 1
+
+
+def rewrite_state(directory, edit):
+    """state.json edited by `edit(state)`, its own digest recomputed as a careful forger would."""
+    import hashlib
+
+    state = json.loads((directory / "state.json").read_text())
+    edit(state)
+    state.pop("digest")
+    state["digest"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    (directory / "state.json").write_text(json.dumps(state))
+
+
+def test_a_tampered_checkpoint_is_refused_by_name_and_never_unpickled(saved_state):
+    import hashlib
+    import pickle
+
+    where = f"checkpoint {saved_state}: "
+
+    def refused() -> str:
+        with pytest.raises(NullBoothError) as err:
+            load_training_state(saved_state)
+        assert "\n" not in str(err.value) and str(err.value).startswith(where)
+        return str(err.value)[len(where):]
+
+    original = (saved_state / "state.json").read_text()
+    (saved_state / "state.json").write_text(original[:-20])
+    assert refused().startswith("state.json is not valid JSON (")
+    (saved_state / "state.json").write_text(original.replace('"step": 1', '"step": 5'))
+    assert refused() == "state.json: its content does not match its digest (the file was edited)"
+    (saved_state / "state.json").write_text(original)
+    rewrite_state(saved_state, lambda s: s.update(step="one"))
+    assert refused() == "state.json: field 'step' must be a non-negative integer"
+    (saved_state / "state.json").write_text(original)
+    rewrite_state(saved_state, lambda s: s.pop("scaler"))
+    assert refused() == "state.json: field 'scaler' is missing (written by an older NullBooth?)"
+    (saved_state / "state.json").write_text(original)
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    payload = pickle.dumps({"torch.0": Boom()})
+    rng = (saved_state / "rng.safetensors").read_bytes()
+    (saved_state / "rng.safetensors").write_bytes(payload)
+    assert refused() == "rng.safetensors does not match the sha256 recorded in state.json (changed or replaced)"
+    rewrite_state(saved_state, lambda s: s["files"].update({"rng.safetensors": hashlib.sha256(payload).hexdigest()}))
+    assert refused().startswith("rng.safetensors is not a valid safetensors file (")
+    (saved_state / "state.json").write_text(original)
+    (saved_state / "rng.safetensors").write_bytes(rng)
+    assert load_training_state(saved_state).step == 1  # restored: loads again
+    (saved_state / "trainable.safetensors").unlink()
+    assert refused() == "trainable.safetensors is missing"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 loss scale (issue 10, item 12) and DDP buffers (item 13)
+
+
+def test_the_gradient_scaler_state_is_checkpointed_and_restored_exactly(fake_run, images, tmp_path):
+    """The loss scale grows every step here (growth_interval 1); a resumed worker must continue from the scale
+    the run had reached, not from its initial scale. A CPU GradScaler stands in for CUDA's: same state."""
+    def worker_with_scaler():
+        worker, _ = make_worker(fake_run, images, "projection.mode=global")
+        worker.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+        return worker
+
+    straight = worker_with_scaler()
+    train_steps(straight, 3)
+    first = worker_with_scaler()
+    train_steps(first, 2)
+    assert first.scaler.get_scale() == 2.0 ** 12
+    save_training_state(tmp_path, step=first.step, samples_seen=first.samples_seen, signature={}, rng=[first.rng()],
+                        trainable=first.trainable, optimizer=first.optimizer, lr_scheduler=first.lr_scheduler,
+                        scaler=first.scaler)
+    state = load_training_state(tmp_path)
+    assert state.scaler == first.scaler.state_dict()
+    resumed = worker_with_scaler()
+    resumed.restore(state)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    train_steps(resumed, 1)
+    assert resumed.scaler.get_scale() == straight.scaler.get_scale() == 2.0 ** 13
+    for name, param in straight.trainable.items():
+        assert torch.equal(param, resumed.trainable[name]), name
+
+
+def test_ddp_does_not_broadcast_the_constant_bases_every_forward(fake_run, images, monkeypatch):
+    """The loop wraps the UNet with distributed.data_parallel (Ray Train's prepare_model, given DDP's options);
+    here prepare_model is replaced by a plain DDP wrapper in a one-process gloo group, and every broadcast that
+    DDP makes is counted."""
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nullbooth.train.distributed import data_parallel
+
+    worker, _ = make_worker(fake_run, images, "projection.mode=global")
+    bases = [name for name, _ in worker.unet.named_buffers()]
+    assert len(bases) == len(worker.plan.protected) and all(n.endswith(".basis") for n in bases)
+    calls = []
+    broadcast = dist._broadcast_coalesced
+    monkeypatch.setattr(dist, "_broadcast_coalesced", lambda *a, **k: calls.append(1) or broadcast(*a, **k))
+    monkeypatch.setattr(ray.train.torch, "prepare_model",
+                        lambda module, move_to_device, parallel_strategy, parallel_strategy_kwargs=None:
+                        DistributedDataParallel(module, **(parallel_strategy_kwargs or {})))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        worker.model = data_parallel(worker.unet, world=2)
+        assert isinstance(worker.model, DistributedDataParallel)
+        at_wrap = len(calls)  # DDP syncs parameters and buffers once, when it wraps the model
+        worker.train_step()
+        worker.train_step()
+        assert len(calls) == at_wrap
+        assert not worker.model.will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()

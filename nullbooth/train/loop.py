@@ -37,7 +37,7 @@ from nullbooth.train.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from nullbooth.train.distributed import gather, replica_max_abs_diff
+from nullbooth.train.distributed import data_parallel, gather, replica_max_abs_diff
 from nullbooth.train.export import save_lora
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def _make_worker(loop_config: dict[str, Any], state: TrainingState | None, rank:
         log.info("rank %d resumes at step %d", rank, state.step)
     elif rank == 0:
         worker.eval_loss_initial = worker.eval_loss()
-    worker.model = ray.train.torch.prepare_model(worker.unet, move_to_device=False,
-                                                 parallel_strategy="ddp" if world > 1 else None)
+    worker.model = data_parallel(worker.unet, world)
     return worker
 
 
@@ -165,13 +164,14 @@ def _report(worker, metrics: dict[str, float], progress: _Progress | None) -> di
 
 
 def _write_checkpoint(directory: Path, worker, rng: list[dict], replica_diff: float) -> dict[str, Any]:
-    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report."""
-    save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,
-                        trainable=worker.trainable, optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler,
-                        rng=rng)
+    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report.
+    The training state goes last: its state.json records the digests of the other files."""
     save_lora(type(worker.pipe), directory / LORA_DIR, worker.pairs, worker.lora_config)
     report = worker.report(replica_diff)
     (directory / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,
+                        trainable=worker.trainable, optimizer=worker.optimizer, lr_scheduler=worker.lr_scheduler,
+                        rng=rng, scaler=worker.scaler)
     log.debug("checkpoint of step %d written to %s", worker.step, directory)
     return report
 

@@ -46,6 +46,7 @@ class ProjectionPlan:
     timesteps: list[int] = field(default_factory=list)  # collected timesteps of the run, in sampling order
     null_dims: dict[str, int] = field(default_factory=dict)  # protected layer -> global (or text) null-space dim
     has_statistics: bool = True
+    files: dict[str, str] = field(default_factory=dict)  # statistics file -> sha256, as the driver checked it
 
 
 def plan_projection(config: Config, manifest: Manifest | None, targets: dict[str, int]) -> ProjectionPlan:

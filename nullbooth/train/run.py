@@ -2,10 +2,14 @@
 
 1. Check what a user can get wrong before any worker starts: the instance images (every file must be an image),
    the statistics run (its manifest must match this config and model: backend, model fingerprint, sampler,
-   prompts, layers, threshold) and the LoRA targets (each needs a basis unless `projection.allow_unprotected`).
-   The model is inspected by one small Ray task (its fingerprint and linear layers), so the driver loads no weights.
-2. A run whose name already holds a finished checkpoint of this configuration returns at once (re-exported).
-3. Prior preservation: missing class images are sampled by Ray Data batch inference and cached in run_dir.
+   prompts, layers, threshold; and every file the workers will read must load, see inputs.py) and the LoRA targets
+   (each needs a basis unless `projection.allow_unprotected`). The model is inspected by one small Ray task (its
+   fingerprint and linear layers), so the driver loads no weights.
+2. Prior preservation: missing class images are sampled by Ray Data batch inference and cached in run_dir.
+3. The training signature (inputs.training_signature: the statistics and images by digest, every hyper-parameter
+   that changes the result) is compared with the run name's latest checkpoint: a finished one of this signature
+   returns at once (re-exported); one of another signature, trained past max_train_steps, or that fails its digest
+   checks is refused by name (`force`, i.e. `--force`: deleted, and training starts afresh).
 4. `TorchTrainer` runs `loop.train_loop_per_worker` on `train.num_workers` workers with DDP; RunConfig's
    storage_path/name make a re-run resume from the latest checkpoint, FailureConfig lets Ray Train restart failed
    workers from it.
@@ -18,7 +22,6 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,8 +32,8 @@ from nullbooth.errors import NullBoothError, user_error
 from nullbooth.formatting import number
 from nullbooth.layout import (
     BASELINE_LORA_DIR,
-    CHECKPOINT_STATE,
     LORA_DIR,
+    LORA_FILE,
     MANIFEST,
     REPORT_NAME,
     TRAIN_DIR,
@@ -39,19 +42,30 @@ from nullbooth.layout import (
 from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.stats.manifest import Manifest
 from nullbooth.storage import RunDir
-from nullbooth.train.checkpoint import signature_mismatches
+from nullbooth.train.checkpoint import (
+    load_training_state,
+    read_state,
+    signature_mismatches,
+)
 from nullbooth.train.data import ensure_class_images, open_instance_images, stack_images
 from nullbooth.train.export import local_checkpoint_copy, publish
-from nullbooth.train.projection import ProjectionPlan, plan_projection
+from nullbooth.train.inputs import (
+    check_statistics,
+    images_digest,
+    statistics_digest,
+    training_signature,
+)
+from nullbooth.train.projection import plan_projection
 
 log = logging.getLogger(__name__)
 
 
-def train_all(config: Config) -> list[dict[str, Any]]:
-    """The LoRA of `config` and, with train.plain_baseline, the plain LoRA beside it; their summaries."""
-    summaries = [train(config)]
+def train_all(config: Config, force: bool = False) -> list[dict[str, Any]]:
+    """The LoRA of `config` and, with train.plain_baseline, the plain LoRA beside it; their summaries. `force`: a
+    run name holding a run of another configuration is started afresh instead of refused."""
+    summaries = [train(config, force=force)]
     if config.train.plain_baseline:
-        summaries.append(train(plain_baseline_config(config), lora_dir=BASELINE_LORA_DIR))
+        summaries.append(train(plain_baseline_config(config), lora_dir=BASELINE_LORA_DIR, force=force))
     return summaries
 
 
@@ -62,9 +76,10 @@ def plain_baseline_config(config: Config) -> Config:
                                                          plain_baseline=False))
 
 
-def train(config: Config, lora_dir: str = LORA_DIR) -> dict[str, Any]:
+def train(config: Config, lora_dir: str = LORA_DIR, force: bool = False) -> dict[str, Any]:
     """Train the LoRA of `config` (resuming or returning at once when its run name has progress) and publish it to
-    run_dir/<lora_dir>/; returns a summary."""
+    run_dir/<lora_dir>/; returns a summary. A run name holding a run of another configuration (or an unreadable
+    checkpoint) is refused, or with `force` deleted and trained afresh."""
     config = with_absolute_paths(config)  # actors and workers run elsewhere than the driver's cwd
     started = time.time()
     tc = config.train
@@ -72,36 +87,30 @@ def train(config: Config, lora_dir: str = LORA_DIR) -> dict[str, Any]:
     run = RunDir(config.run_dir)
     manifest = _read_statistics(config, run)
     connect(config.ray)
-    try:
-        probe = ray.get(_probe.remote(config))
-    except ray.exceptions.RayTaskError as err:
-        found = user_error(err)  # a model or target problem: one clean message, not a remote traceback
-        if found is None:
-            raise
-        raise found from None
+    probe = _run_probe(config)
     if manifest is not None:
-        from nullbooth.stats.manifest import manifest_mismatches
-
-        diffs = manifest_mismatches(manifest, config, probe["fingerprint"])
-        if diffs:
-            raise NullBoothError(f"{run.uri(MANIFEST)}: the statistics run was made for another "
-                                 f"model or config; rebuild it (nullbooth build-cov --force) or use another run_dir. "
-                                 f"Differences: {'; '.join(diffs)}")
+        _check_manifest(run, manifest, config, probe["fingerprint"])
     plan = plan_projection(config, manifest, probe["targets"])
     resolution = tc.resolution or probe["native_resolution"]
     if resolution % probe["pixels_per_latent_cell"]:
         raise NullBoothError(f"train.resolution: {resolution} is not a multiple of {probe['pixels_per_latent_cell']} "
                              f"(the VAE's downsampling times the UNet's), which {config.model.path!r} needs")
-    signature = training_signature(config, plan, probe, manifest, resolution)
+    digests = {"statistics": None}
+    if plan.has_statistics:  # every file the workers will read, checked here: a bad one is refused before Ray Train
+        manifest, plan.files = check_statistics(config, plan)
+        digests["statistics"] = statistics_digest(manifest, plan.files)
+    instance = stack_images([img for _, img in images], resolution)
+    klass = stack_images(ensure_class_images(config), resolution) if tc.with_prior_preservation else None
+    digests.update(instance_images=images_digest(instance), class_images=images_digest(klass))
+    signature = training_signature(config, plan, probe["fingerprint"], resolution, digests,
+                                   manifest.threshold if manifest else None)
     experiment = f"{storage_location(config)}/{tc.name}"
 
-    finished = _finished_checkpoint(experiment, signature, tc.max_train_steps)
+    finished = _finished_checkpoint(config, experiment, signature, force)
     if finished is not None:
         log.info("%s already reached step %d: re-exporting its checkpoint", experiment, tc.max_train_steps)
         return _summarize(run, finished, started, already_finished=True, lora_dir=lora_dir)
 
-    instance = stack_images([img for _, img in images], resolution)
-    klass = stack_images(ensure_class_images(config), resolution) if tc.with_prior_preservation else None
     loop_config = {"config": config, "plan": plan, "signature": signature, "experiment": experiment,
                    "instance_images": ray.put(instance), "class_images": ray.put(klass) if klass is not None else None}
     result = _fit(config, loop_config)
@@ -119,6 +128,26 @@ def _read_statistics(config: Config, run: RunDir) -> Manifest | None:
     if config.projection.mode == "none" and not has_manifest(run):
         return None
     return read_manifest(run)
+
+
+def _run_probe(config: Config) -> dict[str, Any]:
+    try:
+        return ray.get(_probe.remote(config))
+    except ray.exceptions.RayTaskError as err:
+        found = user_error(err)  # a model or target problem: one clean message, not a remote traceback
+        if found is None:
+            raise
+        raise found from None
+
+
+def _check_manifest(run: RunDir, manifest: Manifest, config: Config, fingerprint: str) -> None:
+    from nullbooth.stats.manifest import manifest_mismatches
+
+    diffs = manifest_mismatches(manifest, config, fingerprint)
+    if diffs:
+        raise NullBoothError(f"{run.uri(MANIFEST)}: the statistics run was made for another "
+                             f"model or config; rebuild it (nullbooth build-cov --force) or use another run_dir. "
+                             f"Differences: {'; '.join(diffs)}")
 
 
 @ray.remote(num_cpus=1)
@@ -146,18 +175,6 @@ def _probe(config: Config) -> dict[str, Any]:
             "targets": {name: int(layer.in_features) for name, layer in targets.items()},
             "native_resolution": int(unet.config.sample_size) * vae_scale,
             "pixels_per_latent_cell": vae_scale * unet_scale}
-
-
-def training_signature(config: Config, plan: ProjectionPlan, probe: dict, manifest: Manifest | None,
-                       resolution: int) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed (the rest, e.g. max_train_steps or workers, may change)."""
-    tc = config.train
-    return {"backend": config.model.backend, "model": config.model.path, "fingerprint": probe["fingerprint"],
-            "mode": plan.mode, "targets": list(plan.targets), "protected": plan.protected,
-            "threshold": manifest.threshold if manifest else None, "rank": tc.rank, "alpha": tc.alpha,
-            "seed": tc.seed, "learning_rate": tc.learning_rate, "lr_scheduler": tc.lr_scheduler,
-            "lr_warmup_steps": tc.lr_warmup_steps, "resolution": resolution, "instance_prompt": tc.instance_prompt,
-            "with_prior_preservation": tc.with_prior_preservation}
 
 
 def storage_location(config: Config) -> str:
@@ -215,28 +232,39 @@ def _worker_user_error(err: BaseException) -> NullBoothError | None:
     return None
 
 
-def _finished_checkpoint(experiment: str, signature: dict[str, Any], max_train_steps: int):
-    """The latest checkpoint of `experiment` if it already reached max_train_steps with this signature, else None.
+def _finished_checkpoint(config: Config, experiment: str, signature: dict[str, Any], force: bool):
+    """The latest checkpoint of `experiment` if it reached train.max_train_steps with this signature; None when
+    there is none or it is to be resumed.
 
-    A checkpoint of another configuration is refused with what differs."""
-    import json
-
+    A checkpoint that does not load (every file is checked against its state.json), of another configuration, or
+    trained past max_train_steps is refused with what is wrong; with `force`, the run name is deleted instead, so
+    training starts afresh."""
     from ray.train import Result
 
     try:
-        result = Result.from_path(experiment)
+        checkpoint = Result.from_path(experiment).checkpoint
     except (RuntimeError, FileNotFoundError, OSError, ValueError):
         return None  # no such run yet (or no checkpoint manager snapshot)
-    checkpoint = result.checkpoint
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as directory:
-        state = json.loads(Path(directory, CHECKPOINT_STATE).read_text())
-    diffs = signature_mismatches(state["signature"], signature)
-    if diffs:
-        raise NullBoothError(f"train.name {experiment.rsplit('/', 1)[-1]!r}: {experiment} holds a run with another "
-                             f"configuration ({'; '.join(diffs)}); choose another train.name or storage_path")
-    return checkpoint if state["step"] >= max_train_steps else None
+    name, steps = config.train.name, config.train.max_train_steps
+    try:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory)
+        diffs = signature_mismatches(state.signature, signature)
+        problem = (f"{experiment} holds a run with another configuration ({'; '.join(diffs)})" if diffs else
+                   f"{experiment} holds a run trained to step {state.step}, past train.max_train_steps {steps}"
+                   if state.step > steps else None)
+    except NullBoothError as err:
+        problem = str(err)
+    if problem is None:
+        return checkpoint if state.step == steps else None
+    if not force:
+        raise NullBoothError(f"train.name {name!r}: {problem}; choose another train.name or storage_path, or "
+                             f"pass --force to delete this run and train afresh")
+    log.warning("train.name %r: %s; --force: deleting it and training afresh", name, problem)
+    RunDir(storage_location(config)).delete(name)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,6 +276,7 @@ def _summarize(run: RunDir, checkpoint, started: float, already_finished: bool, 
 
     directory, cleanup = local_checkpoint_copy(checkpoint)
     try:
+        read_state(directory, required=(LORA_FILE, REPORT_NAME))  # what is published is what was trained
         lora_dir = publish(run, directory, lora_dir)
         with open(os.path.join(directory, REPORT_NAME)) as f:
             report = json.load(f)

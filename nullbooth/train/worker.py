@@ -36,6 +36,7 @@ from nullbooth.train.checkpoint import (
 )
 from nullbooth.train.data import StepDraw, _mix, draw_step, to_pixels
 from nullbooth.train.distributed import all_reduce_mean
+from nullbooth.train.inputs import CheckedRun, load_statistics, statistics_reads
 from nullbooth.train.preservation import PreservationMeter
 from nullbooth.train.projection import (
     ProjectionPlan,
@@ -106,24 +107,23 @@ class Worker:
         self.pairs = lora_pairs(self.unet, list(self.plan.targets))
 
     def _setup_projection(self, measure: bool) -> None:
-        """The null-space constraint of the plan's mode on the protected pairs, and the preservation meter."""
+        """The null-space constraint of the plan's mode on the protected pairs, and the preservation meter.
+        Statistics are read through the driver's digests (inputs.CheckedRun) when the plan carries them."""
         plan = self.plan
         protected = {name: self.pairs[name] for name in plan.protected}
         self.buckets = self.projector = None
-        run = RunDir(self.config.run_dir)
+        run = CheckedRun(self.config.run_dir, plan.files) if plan.files else RunDir(self.config.run_dir)
         manifest = self._manifest(run) if plan.has_statistics else None
+        loaded = {(kind, which): load_statistics(run, manifest, kind, which)
+                  for kind, which in statistics_reads(plan, manifest, measure)} if manifest is not None else {}
         if plan.mode == "global" and protected:
-            from nullbooth.stats.store import load_bases
-
-            attach_global(protected, load_bases(run, manifest, "global"))
+            attach_global(protected, loaded[("bases", "global")])
             self.pairs = lora_pairs(self.unet, list(plan.targets))  # the parametrized modules
             self.trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
         elif plan.mode == "timestep" and protected:
-            from nullbooth.stats.store import load_bases
-
             self.buckets = TimestepBuckets(plan.timesteps, self.num_train_timesteps)
-            self.projector = TimestepProjector(protected, {t: load_bases(run, manifest, t) for t in plan.timesteps})
-        self.meter = self._meter(run, manifest) if measure and manifest is not None and plan.protected else None
+            self.projector = TimestepProjector(protected, {t: loaded[("bases", t)] for t in plan.timesteps})
+        self.meter = self._meter(manifest, loaded) if measure and manifest is not None and plan.protected else None
 
     def _setup_optimizer(self) -> None:
         """AdamW over the trainable LoRA parameters (the parametrized originals in global mode), the LR schedule
@@ -155,15 +155,13 @@ class Worker:
 
         return read_manifest(run)
 
-    def _meter(self, run: RunDir, manifest: Manifest) -> PreservationMeter:
-        from nullbooth.stats.store import load_layer_covariances
-
+    def _meter(self, manifest: Manifest, loaded: dict) -> PreservationMeter:
         names = self.plan.protected
         modules = dict(self.unet.named_modules())
         weights = {name: modules[name].base_layer.weight for name in names}
         keep = lambda covs: {name: covs[name] for name in names}
-        return PreservationMeter(weights, keep(load_layer_covariances(run, manifest, "global")),
-                                 {t: keep(load_layer_covariances(run, manifest, t)) for t in manifest.timesteps})
+        return PreservationMeter(weights, keep(loaded[("covariances", "global")]),
+                                 {t: keep(loaded[("covariances", t)]) for t in manifest.timesteps})
 
     @torch.no_grad()
     def _encode_images(self, images: np.ndarray | None, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -326,7 +324,8 @@ class Worker:
 
     # -- resume ----------------------------------------------------------------------------------------------------
     def restore(self, state: TrainingState) -> None:
-        """Continue from a checkpoint: LoRA parameters, optimizer, LR scheduler, counters and RNG states."""
+        """Continue from a checkpoint: LoRA parameters, optimizer, LR scheduler, gradient scaler, counters and RNG
+        states."""
         diffs = signature_mismatches(state.signature, self.signature)
         if diffs:
             raise NullBoothError(f"train.name {self.tc.name!r}: its checkpoint was made with another configuration "
@@ -336,6 +335,8 @@ class Worker:
                 param.copy_(state.trainable[name])
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.scaler is not None and state.scaler:  # fp16: the loss scale and its growth tracker
+            self.scaler.load_state_dict(state.scaler)
         self.step, self.samples_seen = state.step, state.samples_seen
         report = state.report or {}
         self.loss_history = list(report.get("loss_history", []))
