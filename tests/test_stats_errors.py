@@ -99,3 +99,25 @@ def test_model_without_cross_attention(tmp_path):
     with pytest.raises(NullBoothError, match=r"has no cross-attention \(attn2\) layers"):
         build_covariance(config)
     assert_nothing_written(tmp_path / "run")
+
+
+def test_a_model_folder_with_an_unreadable_unet_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """model_index.json but no readable unet/config.json: a clean line from the driver, not from every actor after
+    Ray started (the check used to swallow the error and leave it to the actors)."""
+    import nullbooth.stats.build as build
+    from nullbooth.models.tiny import ensure_tiny_model
+
+    model = tmp_path / "broken-model"
+    shutil.copytree(ensure_tiny_model("tiny"), model)
+    (model / "unet" / "config.json").write_text("{not json")
+    config = make_config(tmp_path / "run", f"model.path={model}")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the model was checked")
+
+    monkeypatch.setattr(build, "connect", no_ray)
+    with pytest.raises(NullBoothError) as err:
+        build_covariance(config)
+    assert str(err.value).startswith(f"model.path: cannot read the UNet of {str(model)!r}: ")
+    assert "\n" not in str(err.value)
+    assert_nothing_written(tmp_path / "run")

@@ -19,6 +19,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,19 +164,23 @@ def _reusable(run: RunDir, candidate: Manifest, config: Config, info: dict, prom
 def _check_model(config: Config) -> None:
     """Refuse a model without cross-attention or a layer filter that matches nothing before any actor starts.
 
-    The UNet is built from its config on the meta device (no weights, about a second for SD1.5). If this process
-    cannot read the model (a path that exists only on the workers, a hub id not cached here), the actors check it.
+    The UNet is built from its config on the meta device (no weights, about a second for SD1.5). A local folder must
+    be readable here (the config checks made sure it exists); only a hub id that is not cached on this machine is
+    left to the actors, which download it.
     """
     from diffusers import UNet2DConditionModel
 
     backend = get_backend(config)
+    location = backend.location
     try:
-        unet_config = UNet2DConditionModel.load_config(backend.location, subfolder="unet",
-                                                       revision=config.model.revision)
+        unet_config = UNet2DConditionModel.load_config(location, subfolder="unet", revision=config.model.revision)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
-    except (NullBoothError, OSError, ValueError, TypeError):
-        return
+    except (OSError, ValueError, TypeError) as err:
+        if not Path(location).is_dir():
+            return
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NullBoothError(f"model.path: cannot read the UNet of {config.model.path!r}: {first_line}") from None
     backend.check_unet(unet)
     find_protected_layers(unet, config.covariance.layers)
 
