@@ -23,11 +23,13 @@ def connect(ray_config: RayConfig) -> None:
         return
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
     if address:
-        _probe(address, "ray.address" if ray_config.address else "RAY_ADDRESS")
+        key = "ray.address" if ray_config.address else "RAY_ADDRESS"  # name what the user set, config or environment
+        _probe(address, key)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
-            raise NullBoothError(f"ray.address: cannot reach the Ray cluster at {address!r}: {err}") from None
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise NullBoothError(f"{key}: cannot reach the Ray cluster at {address!r}: {reason}") from None
         return
     ray.init(num_cpus=ray_config.num_cpus, include_dashboard=None, dashboard_host=ray_config.dashboard_host,
              logging_level=logging.WARNING)
