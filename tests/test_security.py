@@ -1,10 +1,12 @@
 """Security defaults: a local Ray's dashboard and job server listen on loopback only; a run_dir is only ever read as
 safetensors and JSON, so a tampered manifest or a pickle dropped into a run is refused with a clear error (and
-never executed); the package itself never unpickles."""
+never executed); every statistics file is checked against the sha256 its manifest records; the package itself
+never unpickles."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import pickle
 import shutil
 import socket
@@ -102,7 +104,14 @@ def test_the_untampered_run_reads_back(run):
     (lambda m: m["layers"].update({"__import__('os').system('x')": {"in_features": 8, "side": "image"}}),
      "field 'layers' must be a non-empty object layer -> {in_features: d, side: text|image}"),
     (lambda m: m.update(format_version=99),
-     "format_version is 99, this NullBooth reads 1; rebuild the statistics (nullbooth build-cov --force)"),
+     "format_version is 99, this NullBooth reads 2; rebuild the statistics (nullbooth build-cov --force)"),
+    (lambda m: m.update(format_version=1),
+     "made by an older NullBooth (format_version 1, which records no digests of the files; this one reads 2); "
+     "rebuild the statistics (nullbooth build-cov --force)"),
+    (lambda m: m["files"].popitem(),
+     "field 'files' must list every covariance and projection file of the run (text, each timestep, global)"),
+    (lambda m: m["files"].update({"covariance/global.safetensors": "not-a-digest"}),
+     "field 'files' must be an object file -> sha256 hex digest"),
     (lambda m: m["image_rows"].pop(next(iter(m["image_rows"]))),
      "field 'image_rows' must count every image-side layer at every timestep"),
 ])
@@ -147,20 +156,99 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
+def record_digest(run: RunDir, rel: str) -> None:
+    """What an attacker who also edits the manifest would do: record the tampered file's digest."""
+    tamper(run, lambda m: m["files"].update({rel: hashlib.sha256(run.read_bytes(rel)).hexdigest()}))
+
+
+@pytest.mark.parametrize("with_digest", [False, True], ids=["digest-mismatch", "digest-updated"])
 @pytest.mark.parametrize("rel", ["covariance/global.safetensors", "projection/global.safetensors",
                                  "covariance/text.safetensors"])
-def test_a_pickle_under_a_safetensors_name_is_refused_and_never_executed(run, tmp_path, rel):
+def test_a_pickle_under_a_safetensors_name_is_refused_and_never_executed(run, tmp_path, rel, with_digest):
     from nullbooth.stats.manifest import read_manifest
     from nullbooth.stats.store import load_bases, load_layer_covariances
 
     marker = tmp_path / "unpickled"
     run.write_bytes(rel, pickle.dumps({"cov": Payload(marker)}))
+    if with_digest:
+        record_digest(run, rel)
     manifest = read_manifest(run)
     reader = load_bases if rel.startswith("projection/") else load_layer_covariances
     with pytest.raises(NullBoothError) as err:
         reader(run, manifest, "global")
-    assert str(err.value).startswith(f"{run.uri(rel)} is not a valid safetensors file (")
+    if with_digest:
+        assert str(err.value).startswith(f"{run.uri(rel)} is not a valid safetensors file (")
+    else:
+        assert str(err.value) == changed_message(run, rel)
     assert not marker.exists()
+
+
+def changed_message(run: RunDir, rel: str) -> str:
+    return (f"{run.uri(rel)}: its content does not match the sha256 recorded in {run.uri('covariance/manifest.json')} "
+            "(the file changed after the statistics were written); rebuild the statistics (nullbooth build-cov --force)")
+
+
+def corrupt_values(run: RunDir, rel: str) -> None:
+    """A still well-formed safetensors file whose numbers changed (a bit flip, a bad copy, an edit)."""
+    tensors = run.read_tensors(rel)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1.0
+    run.write_tensors(rel, tensors)
+
+
+def test_every_file_is_listed_with_its_sha256_in_the_manifest(run):
+    from nullbooth.stats.manifest import read_manifest
+
+    manifest = read_manifest(run)
+    on_disk = sorted(f"{d}/{name}" for d in ("covariance", "projection") for name in run.listdir(d)
+                     if name.endswith(".safetensors"))
+    assert sorted(manifest.files) == on_disk and len(on_disk) == 2 * (len(manifest.timesteps) + 2)
+    assert manifest.files == {rel: hashlib.sha256(run.read_bytes(rel)).hexdigest() for rel in on_disk}
+
+
+@pytest.mark.parametrize("rel", ["covariance/global.safetensors", "projection/text.safetensors"])
+def test_a_file_whose_numbers_changed_is_refused_when_read(run, rel):
+    from nullbooth.stats.manifest import read_manifest
+    from nullbooth.stats.store import (
+        load_bases,
+        load_layer_covariances,
+        read_covariance,
+        read_projection,
+    )
+
+    corrupt_values(run, rel)
+    manifest = read_manifest(run)
+    loader, reader = ((load_bases, read_projection) if rel.startswith("projection/")
+                      else (load_layer_covariances, read_covariance))
+    which = rel.rsplit("/", 1)[1].split(".")[0]
+    for read in (lambda: loader(run, manifest, "global"), lambda: reader(run, which, manifest)):
+        with pytest.raises(NullBoothError) as err:
+            read()
+        assert str(err.value) == changed_message(run, rel)
+
+
+def test_build_cov_refuses_to_reuse_a_run_with_a_corrupt_file_and_force_rebuilds_it(run):
+    """A file that changed is not "reused complete run": one line naming it, before any actor starts, nothing
+    touched; --force rebuilds the statistics (whose digests then match again)."""
+    from nullbooth.stats.build import build_covariance
+    from nullbooth.stats.manifest import changed_files, read_manifest
+
+    rel = sorted(r for r in read_manifest(run).files if r.startswith("covariance/t"))[0]
+    corrupt_values(run, rel)
+    root = Path(run.root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"run_dir={run.location}", "preserve.max_prompts=8", "preserve.holdout=0", "sampling.num_inference_steps=2",
+        "covariance.num_workers=1", "covariance.batch_size=4"])
+    with pytest.raises(NullBoothError) as err:
+        build_covariance(config)
+    assert str(err.value) == changed_message(run, rel)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    summary = build_covariance(config, force=True)
+    assert summary["reused"] is False
+    assert changed_files(run, read_manifest(run)) == []
+    assert build_covariance(config)["reused"] is True  # now a matching, intact run
 
 
 def test_torch_save_output_and_truncated_files_are_refused(run):
@@ -184,6 +272,8 @@ def test_a_safetensors_file_with_the_wrong_shapes_is_refused(run):
     tensors = run.read_tensors("covariance/global.safetensors")
     tensors[layer] = torch.zeros(2, 2)
     run.write_tensors("covariance/global.safetensors", tensors)
+    record_digest(run, "covariance/global.safetensors")  # past the digest check: the shapes are checked too
+    manifest = read_manifest(run)
     with pytest.raises(NullBoothError) as err:
         load_layer_covariances(run, manifest, "global")
     d = entry["in_features"]

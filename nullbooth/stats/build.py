@@ -43,6 +43,8 @@ from nullbooth.stats.decompose import Decomposer
 from nullbooth.stats.manifest import (
     FORMAT_VERSION,
     Manifest,
+    changed_file_error,
+    changed_files,
     has_manifest,
     manifest_mismatches,
     missing_files,
@@ -100,6 +102,7 @@ def _build(config: Config, run: RunDir, dealer: Dealer, prompts: Prompts, starte
     writer = Writer(run)
     try:
         result = _collect_and_decompose(config, dealer, info, writer, len(prompts[0]))
+        result["files"] = dict(writer.digests)
         manifest = Manifest.from_json(_manifest(config, info, *prompts, result, dealer, started))
         _check_null_spaces(config, manifest)
         run.write_json(MANIFEST, manifest.to_json())  # last: its presence marks the run complete
@@ -131,7 +134,11 @@ def _refusal(run: RunDir, diffs: list[str]) -> str:
 
 
 def _check_existing(run: RunDir, config: Config, prompts: Prompts, force: bool) -> Manifest | None:
-    """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None."""
+    """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None.
+
+    A matching run whose files no longer have the digests its manifest records is refused (before Ray starts)
+    unless `force`: it must not be reported as a complete run, nor silently replaced.
+    """
     if not has_manifest(run):
         return None
     try:
@@ -143,7 +150,10 @@ def _check_existing(run: RunDir, config: Config, prompts: Prompts, force: bool) 
     diffs = manifest_mismatches(manifest, config, prompts=prompts)
     if diffs and not force:
         raise NullBoothError(_refusal(run, diffs))
-    return None if diffs else manifest
+    changed = [] if diffs else changed_files(run, manifest)
+    if changed and not force:
+        raise changed_file_error(run, changed[0])
+    return None if diffs or changed else manifest
 
 
 def _reusable(run: RunDir, candidate: Manifest, config: Config, info: dict, prompts: Prompts, force: bool) -> bool:
@@ -318,6 +328,7 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
         "spectra": {"text": _spectrum_summary(spectra["text"]["text"]),
                     "global": {name: _spectrum_summary(spectra["global"][name]) for name in image_layers}},
         "config": result_config(config),
+        "files": result["files"],
         "collection": {"num_workers": config.covariance.num_workers, "batch_size": config.covariance.batch_size,
                        "batches": len(dealer.batches), "actor_failures": dealer.failures,
                        "seconds": round(time.time() - started, 3), "device": info["device"],
