@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,32 @@ def test_training_report_layouts(tmp_path):
     (tmp_path / "lora" / "report.json").write_text(json.dumps({"mode": "none", "preservation": None}))
     assert read_preservation(run) == {"source": "lora/report.json", "mode": "none", "overall": None, "max": None,
                                       "per_layer": {}, "per_timestep": {}, "unprotected": []}
+
+
+def test_compare_warns_once_when_the_base_models_differ(runs, tmp_path, capsys):
+    """Same base model: no warning. Another UNet (fingerprint) or, without fingerprints, another model path: one
+    line on stderr, and the same warning on the page."""
+    glob, none = str(runs["global"][0]), runs["none"][0]
+    assert compare_runs(glob, str(none), out_dir=str(tmp_path / "same"))["warnings"] == []
+    assert "Warning" not in (tmp_path / "same" / "compare.md").read_text()
+
+    other = tmp_path / "other-unet"
+    shutil.copytree(none, other)
+    manifest = json.loads((other / "covariance" / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0123456789abcdef"
+    (other / "covariance" / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["compare", glob, str(other), "--out", str(tmp_path / "cmp")]) == 0
+    expected = ("the two runs have different base models (A: global: sd 'tiny' (UNet fake); B: other-unet: sd 'tiny' "
+                "(UNet 0123456789abcdef)); their drift and preservation figures are not comparable")
+    assert capsys.readouterr().err == f"nullbooth: warning: {expected}\n"
+    assert f"**Warning:** {expected}." in (tmp_path / "cmp" / "compare.md").read_text()
+
+    no_stats = tmp_path / "no-stats"  # no fingerprint recorded: told apart by backend and model path
+    shutil.copytree(runs["bare"][0], no_stats)
+    report = json.loads((no_stats / "report" / "report.json").read_text())
+    report["model"]["path"] = "/models/another"
+    (no_stats / "report" / "report.json").write_text(json.dumps(report))
+    assert compare_runs(glob, str(no_stats), out_dir=str(tmp_path / "cmp2"))["warnings"] == [
+        "the two runs have different base models (A: global: sd 'tiny' (UNet fake); B: no-stats: sd '/models/another'); "
+        "their drift and preservation figures are not comparable"]
+
