@@ -262,3 +262,21 @@ def test_compare_warns_once_when_the_base_models_differ(runs, tmp_path, capsys):
         "the two runs have different base models (A: global: sd 'tiny' (UNet fake); B: no-stats: sd '/models/another'); "
         "their drift and preservation figures are not comparable"]
 
+
+def test_report_md_says_the_preservation_error_is_at_lora_scale_1_when_the_images_are_not(runs):
+    """Training measures ΔW as trained; at generate.lora_scale s the update, and so the error, is s times that."""
+    from nullbooth.report.markdown import render_markdown
+
+    run_dir, report, *_ = runs["global"]
+    assert report["lora_scale"] == 1.0
+    page = (run_dir / "report" / "report.md").read_text()
+    assert page == render_markdown(report) and "LoRA scale 1, as trained" not in page
+    halved = copy.deepcopy(report)
+    halved["lora_scale"] = 0.5
+    overall = report["preservation"]["overall"]
+    note = ("- measured at LoRA scale 1, as trained; these images were sampled at LoRA scale 0.5, which scales ΔW and "
+            f"so every error here by 0.5 (overall {0.5 * overall:.4g} at scale 0.5)")
+    lines = render_markdown(halved).splitlines()
+    assert note in lines
+    section = lines[lines.index("## Layer-level preservation error (training)"):]
+    assert section.index(note) < section.index(next(s for s in section[1:] if s.startswith("## ")))
