@@ -1,15 +1,22 @@
-"""Security defaults: a local Ray's dashboard and job server listen on loopback only; a run_dir is only ever read as
-safetensors and JSON, so a tampered manifest or a pickle dropped into a run is refused with a clear error (and
-never executed); every statistics file is checked against the sha256 its manifest records; the package itself
-never unpickles."""
+"""Security defaults: every port of a local Ray listens on loopback only and its token file is readable by its owner
+only; a run_dir is only ever read as safetensors and JSON, so a tampered manifest or a pickle dropped into a run is
+refused with a clear error (and never executed); every statistics file is checked against the sha256 its manifest
+records; the package itself never unpickles."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import ipaddress
+import json
+import os
 import pickle
+import re
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -56,24 +63,118 @@ def run(built_run, tmp_path) -> RunDir:
     return RunDir(str(copy))
 
 
-# -- the dashboard ---------------------------------------------------------------------------------------------------
-def test_local_dashboard_and_job_server_listen_on_loopback_only(nullbooth_ray):
+# -- the ports and the token of a local Ray ------------------------------------------------------------------------
+# What a local Ray may open beyond loopback, as documented in docs/operations.md ("Network exposure"): nothing.
+LOCAL_EXPOSURE: set[str] = set()
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # "::ffff:127.0.0.1": a dual-stack socket bound to loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def listening(pids: set[int] | None = None) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket, of the given processes only when `pids` is given."""
+    return [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid is not None and (pids is None or c.pid in pids)]
+
+
+def lan_addresses() -> list[str]:
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET and not is_loopback(a.address)]
+
+
+@ray.remote
+def _pid() -> int:
+    return os.getpid()
+
+
+def test_no_port_of_a_local_ray_listens_beyond_loopback(nullbooth_ray):
+    """Every process of the Ray `connect` started (this process's children: GCS, raylet, workers, dashboard and its
+    agents) listens on loopback only, the Prometheus /metrics endpoint included; the machine's own addresses answer
+    on none of those ports."""
     from ray.experimental.internal_kv import _internal_kv_get
 
+    worker = ray.get(_pid.remote())  # a worker process, with its own gRPC server
+    tree = {p.pid: p.name() for p in [psutil.Process(), *psutil.Process().children(recursive=True)]}
+    assert worker in tree
+    sockets = listening(set(tree))
+    names = {tree[pid] for pid, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), names
+    exposed = {f"{tree[pid]} {ip}:{port}" for pid, ip, port in sockets if not is_loopback(ip)}
+    assert exposed == LOCAL_EXPOSURE
+    documented = "Exceptions: **none**" in (ROOT / "docs" / "operations.md").read_text()
+    assert documented == (LOCAL_EXPOSURE == set())
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     url = ray._private.worker.global_worker.node.address_info["webui_url"]
-    host, port = url.rsplit(":", 1)
-    assert host == "127.0.0.1"
-    # What the dashboard registered in the GCS (where `ray job submit` and the CLI look it up) ...
-    assert _internal_kv_get("dashboard", namespace="dashboard").decode() == url
-    # ... and what the operating system says is listening on that port: loopback, nothing on all interfaces.
-    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)}
-    assert listening == {"127.0.0.1"}
-    # The node's own network address does not answer on the dashboard/job-server port.
-    node_ip = ray.util.get_node_ip_address()
-    assert node_ip != "127.0.0.1"
-    with pytest.raises(OSError):
-        socket.create_connection((node_ip, int(port)), timeout=2).close()
+    assert url.rsplit(":", 1)[0] == "127.0.0.1"
+    assert _internal_kv_get("dashboard", namespace="dashboard").decode() == url  # where `ray job submit` looks
+    # Knocking from the network side: a port some other program on this machine opens to the network is skipped.
+    others = {port for pid, ip, port in listening() if pid not in tree and not is_loopback(ip)}
+    ports = sorted({port for _, _, port in sockets} - others)
+    assert lan_addresses() and ports
+    for ip in lan_addresses():
+        for port in ports:
+            with pytest.raises(OSError):
+                socket.create_connection((ip, port), timeout=1).close()
+
+
+def test_the_token_file_of_a_local_ray_is_readable_by_its_owner_only(nullbooth_ray):
+    from nullbooth.cluster import token_file
+
+    path = token_file()
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        pytest.skip("this environment configures Ray's token itself")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+NEW_LOCAL_RAY = """
+import json, stat, sys
+import ray
+from nullbooth.cluster import connect, token_file
+from nullbooth.config import RayConfig
+connect(RayConfig(num_cpus=1))
+path = token_file()
+print(json.dumps({"path": str(path), "mode": stat.S_IMODE(path.stat().st_mode),
+                  "dir_mode": stat.S_IMODE(path.parent.stat().st_mode), "token": path.read_text(),
+                  "node_ip": ray.util.get_node_ip_address(), "tasks": ray.get(ray.remote(lambda: 1).remote())}))
+ray.shutdown()
+"""
+
+
+def test_a_new_local_ray_gets_a_token_file_only_its_owner_can_read(tmp_path):
+    """In a fresh home (no token yet), the first local run creates ~/.ray (0700) and the token (0600) itself, in
+    Ray's own form; Ray accepts it (a task runs). Ray alone would write the token with mode 0644."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", NEW_LOCAL_RAY], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["path"] == str(tmp_path / ".ray" / "auth_token")
+    assert (info["mode"], info["dir_mode"]) == (0o600, 0o700)
+    assert re.fullmatch(r"[0-9a-f]{64}", info["token"])
+    assert (info["node_ip"], info["tasks"]) == ("127.0.0.1", 1)
+
+
+def test_an_existing_token_file_is_narrowed_and_kept(tmp_path, monkeypatch):
+    from nullbooth.cluster import secure_token_file
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("ab" * 32)
+    token.chmod(0o644)
+    assert secure_token_file() == token
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "ab" * 32
+    # No token involved: nothing is created.
+    monkeypatch.setenv("HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert secure_token_file() is None and not (tmp_path / "other").exists()
 
 
 # -- tampered manifests ----------------------------------------------------------------------------------------------
