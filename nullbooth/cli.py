@@ -135,7 +135,10 @@ def _run(config: Config, args: argparse.Namespace) -> None:
 def _compare(config: None, args: argparse.Namespace) -> None:
     from nullbooth.report.compare import compare_runs, format_summary
 
-    print(format_summary(compare_runs(args.run_a, args.run_b, out_dir=args.out)))
+    summary = compare_runs(args.run_a, args.run_b, out_dir=args.out)
+    for warning in summary["warnings"]:
+        print(f"nullbooth: warning: {warning}", file=sys.stderr)
+    print(format_summary(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ looks complete. Only safetensors, JSON and text are read back; nothing is ever u
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,19 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def sha256_hex(data: bytes) -> str:
+    """The digest a manifest records for a file it lists (checked again whenever the file is read)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else (a pickle, a truncated file) is refused, naming `where`."""
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, OSError) as err:
+        raise NullBoothError(f"{where} is not a valid safetensors file ({err})") from None
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -125,12 +139,11 @@ class RunDir:
 
     def read_tensors(self, rel: str) -> dict[str, torch.Tensor]:
         """Load a safetensors file; anything else (a pickle, a truncated file) is refused."""
-        data = self.read_bytes(rel)
-        try:
-            return load_safetensors_bytes(data)
-        except (SafetensorError, ValueError, OSError) as err:
-            raise NullBoothError(f"{self.uri(rel)} is not a valid safetensors file ({err})") from None
+        return tensors_from_bytes(self.read_bytes(rel), self.uri(rel))
 
-    def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        """Write a safetensors file; returns the sha256 of the bytes written (for the manifest that lists it)."""
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        self.write_bytes(rel, save_safetensors_bytes(contiguous, metadata=metadata))
+        data = save_safetensors_bytes(contiguous, metadata=metadata)
+        self.write_bytes(rel, data)
+        return sha256_hex(data)

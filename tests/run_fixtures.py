@@ -24,8 +24,13 @@ from nullbooth.layout import MANIFEST, covariance_file, projection_file
 from nullbooth.models.layers import find_protected_layers, layer_table
 from nullbooth.models.registry import resolve_model_location
 from nullbooth.nullspace import null_space
-from nullbooth.stats.manifest import FORMAT_VERSION, Manifest, split_layers
-from nullbooth.storage import RunDir
+from nullbooth.stats.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    expected_files,
+    split_layers,
+)
+from nullbooth.storage import RunDir, sha256_hex
 
 TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
@@ -113,7 +118,8 @@ def write_fake_statistics(run_dir: str | Path, holdout: list[str] = (), timestep
         "holdout_prompts": list(holdout), "text_rows": 64,
         "image_rows": {str(t): {n: 256 for n in image_layers} for t in timesteps},
         "layers": table, "dtype": "float64", "threshold": {"kind": kind, "value": value}, "null_dims": null_dims,
-        "spectra": spectra, "config": {}})
+        "spectra": spectra, "config": {},
+        "files": {rel: sha256_hex(run.read_bytes(rel)) for rel in expected_files(list(timesteps))}})
     run.write_json(MANIFEST, manifest.to_json())
     return manifest
 

@@ -138,6 +138,36 @@ def test_output_folders_that_cannot_be_written_are_refused_from_the_config(tmp_p
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
+def test_a_bad_model_path_is_refused_from_the_config(tmp_path, capsys):
+    """A typo in model.path is refused when the config is read, not by the actors after Ray started (issue 10)."""
+    import ray
+
+    from nullbooth.config import EMBEDDED_MODEL_NAMES
+    from nullbooth.models.registry import EMBEDDED_MODELS
+
+    (tmp_path / "empty").mkdir()
+    cases = {"/no/such/model": "model.path: '/no/such/model' is neither a local folder, a hub id (org/name) nor one "
+                               "of 'tiny', 'tiny-lcm', 'toy'",
+             "tiny-lcn": "model.path: 'tiny-lcn' is neither a local folder, a hub id (org/name) nor one of 'tiny', "
+                         "'tiny-lcm', 'toy'",
+             str(tmp_path / "empty"): f"model.path: {str(tmp_path / 'empty')!r} is not a diffusers pipeline folder "
+                                      "(no model_index.json)"}
+    for path, message in cases.items():
+        with pytest.raises(NullBoothError) as err:
+            load_config(None, [f"model.path={path}"])
+        assert str(err.value) == message
+    for path in [*EMBEDDED_MODEL_NAMES, "org/name"]:  # a hub id is the actors' to download
+        assert load_config(None, [f"model.path={path}"]).model.path == path
+    assert EMBEDDED_MODEL_NAMES == tuple(EMBEDDED_MODELS)
+    # Through the CLI: one line, exit 2, and no Ray was started for it.
+    was_up = ray.is_initialized()
+    assert cli_main(["build-cov", str(ROOT / "configs" / "tiny.yaml"), "--set", "model.path=/no/such/model",
+                     "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == f"nullbooth: error: {cases['/no/such/model']}\n"
+    assert ray.is_initialized() == was_up
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_plain_baseline_needs_a_projected_run_and_no_second_baseline():
     with pytest.raises(NullBoothError) as err:
         load_config(None, ["train.plain_baseline=true", "projection.mode=none"])

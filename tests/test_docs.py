@@ -26,3 +26,14 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command_after_pinning_t
     ci = ROOT.joinpath(".ci", "run").read_text()
     assert test in ci.splitlines()
     assert ci.index("pip install torch==2.13.0") < ci.index(test)
+
+
+def test_every_a10g_hours_figure_says_it_is_an_estimate():
+    """No A10G has run the SD1.5 statistics for these docs: the A10G-hours figure is worked out from an assumed
+    throughput (docs/operations.md, section 7), and every sentence that quotes it must say so."""
+    sentences = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(path.read_text().split())  # one line, so a sentence wrapped over lines stays whole
+        sentences += [(path.name, s) for s in re.split(r"(?<=[.;])\s+|\s-\s", text) if "A10G-hour" in s]
+    assert len(sentences) >= 3
+    assert [(name, s) for name, s in sentences if "estimat" not in s] == []

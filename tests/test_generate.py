@@ -132,3 +132,141 @@ def test_empty_prompt_list_is_refused(stats_dir, tmp_path):
     with pytest.raises(NullBoothError) as err:
         generate(config, prompt="  ")
     assert str(err.value) == "--prompt: the prompt is empty"
+
+
+# -- what generate checks before it samples (issue 10, items 3 and 7) ------------------------------------------------
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Sampling (and, with `no_ray=True` via the returned setter, Ray itself) must not be reached."""
+    import nullbooth.cluster
+    import nullbooth.report.generate as generate_module
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("generate sampled before refusing")
+
+    monkeypatch.setattr(generate_module, "sample_pairs", sampled)
+    monkeypatch.setattr(generate_module, "generate_one", sampled)
+
+    def forbid_ray():
+        def started(*args, **kwargs):
+            raise AssertionError("generate started Ray before refusing")
+        monkeypatch.setattr(nullbooth.cluster, "connect", started)
+    return forbid_ray
+
+
+def refusal(config, capsys) -> str:
+    """The one stderr line of `nullbooth generate` with this config (exit status 2, no traceback)."""
+    from nullbooth.cli import guarded
+
+    assert guarded(lambda: generate(config)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("nullbooth: error: ")
+    return err[len("nullbooth: error: "):].rstrip("\n")
+
+
+def test_an_lcm_config_over_an_sd_run_is_refused_before_ray(stats_dir, tmp_path, no_sampling, capsys):
+    """The issue's case: an LCM config on a run made with SD and DDIM used to sample and write a report claiming
+    lcm/tiny-lcm beside the SD run's numbers."""
+    _, run_dir = new_run(stats_dir, tmp_path, 0.0)
+    config = configure(run_dir, "model.backend=lcm", "model.path=tiny-lcm", "sampling.scheduler=lcm")
+    no_sampling()
+    line = refusal(config, capsys)
+    assert line.startswith(f"{run_dir}/covariance/manifest.json: the statistics were made with another model or "
+                           "config than this one; generate with the run's own config, or use another run_dir. "
+                           "Differences: ")
+    for diff in ("model.path: run has 'tiny', config has 'tiny-lcm'",
+                 "sampling.scheduler: run has 'ddim', config has 'lcm'",
+                 "model.backend: run has 'sd', config has 'lcm'"):
+        assert diff in line
+    with pytest.raises(NullBoothError) as err:
+        generate(config, prompt="a red bicycle")
+    assert str(err.value) == line
+    assert sorted(p.name for p in run_dir.iterdir()) == ["covariance", "lora", "projection"]
+
+
+def test_a_lora_trained_for_another_config_or_model_is_refused(stats_dir, tmp_path, no_sampling, capsys):
+    config, run_dir = new_run(stats_dir, tmp_path, 0.0)
+    report = {"step": 2, "mode": "none", "backend": "sd", "model": "tiny", "signature": {"fingerprint": "0" * 16}}
+    (run_dir / "lora" / "report.json").write_text(json.dumps(report))
+    assert refusal(config, capsys) == (
+        f"{run_dir}/lora/report.json: the LoRA was trained with another model or config than this one; generate "
+        "with the run's own config, or train again. Differences: projection.mode: the LoRA has 'none', config has "
+        "'global'")
+    # The mode agrees now, but the LoRA was trained on another UNet: found by reading the model (a Ray task).
+    (run_dir / "lora" / "report.json").write_text(json.dumps({**report, "mode": "global"}))
+    from nullbooth.models.backends import model_fingerprint
+
+    fingerprint = model_fingerprint(get_backend(config).load_pipeline("cpu").unet)
+    assert refusal(config, capsys) == (
+        f"{run_dir}/lora/report.json: made on UNet 0000000000000000, but the UNet of 'tiny' is {fingerprint} "
+        "(different weights or architecture); generate with the run's own model, or use another run_dir")
+
+
+def test_statistics_made_on_another_unet_are_refused(stats_dir, tmp_path, no_sampling, capsys):
+    config, run_dir = new_run(stats_dir, tmp_path, 0.0)
+    path = run_dir / "covariance" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    recorded = manifest["model"]["fingerprint"]
+    manifest["model"]["fingerprint"] = "0123456789abcdef"
+    path.write_text(json.dumps(manifest))
+    assert refusal(config, capsys) == (
+        f"{path}: made on UNet 0123456789abcdef, but the UNet of 'tiny' is {recorded} (different weights or "
+        "architecture); generate with the run's own model, or use another run_dir")
+
+
+def test_a_corrupt_lora_file_is_one_clean_line_before_ray(stats_dir, tmp_path, no_sampling, capsys):
+    """It used to fail inside the sampling actors: exit 1 and a raw traceback."""
+    config, run_dir = new_run(stats_dir, tmp_path, 0.0)
+    weights = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    no_sampling()
+    line = refusal(config, capsys)
+    assert line.startswith(f"{weights} is not a valid safetensors file (")
+    with pytest.raises(NullBoothError) as err:
+        generate(config, prompt="a red bicycle")
+    assert str(err.value) == line
+    # Well-formed safetensors, but not LoRA weights.
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2, 2)}, str(weights))
+    assert refusal(config, capsys) == (f"{weights}: 'weight' is not a UNet LoRA weight in diffusers format "
+                                       "(unet.<layer>.lora.down.weight and unet.<layer>.lora.up.weight, 2-D)")
+
+
+def test_a_lora_for_another_model_is_refused_naming_the_layer(stats_dir, tmp_path, no_sampling, capsys):
+    config, run_dir = new_run(stats_dir, tmp_path, None)
+    make_lora("toy", run_dir / "lora", b_std=0.1)  # the toy model's cross-attention is 128 wide, tiny's 64
+    line = refusal(config, capsys)
+    weights = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    assert line == (f"{weights}: LoRA layer 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k' maps "
+                    "128→64 features, the UNet of 'tiny' maps 64→32 there (a LoRA for another model)")
+
+
+def test_the_published_lora_carries_its_digest_and_a_changed_file_is_refused(stats_dir, tmp_path, no_sampling,
+                                                                              capsys):
+    """train's publish records the weights' sha256 in lora/report.json; generate checks it before loading."""
+    import hashlib
+
+    from nullbooth.report.checks import check_run
+    from nullbooth.storage import RunDir
+    from nullbooth.train.export import publish
+
+    config, run_dir = new_run(stats_dir, tmp_path, None)
+    checkpoint = tmp_path / "checkpoint"
+    make_lora(config.model.path, checkpoint / "lora", b_std=0.1)
+    trained = {"step": 2, "mode": "global", "backend": "sd", "model": "tiny", "loss_history": [0.5, float("nan")]}
+    (checkpoint / "report.json").write_text(json.dumps(trained))
+    publish(RunDir(str(run_dir)), checkpoint)
+    weights = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    published = json.loads((run_dir / "lora" / "report.json").read_text())
+    assert published["files"] == {"pytorch_lora_weights.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert {k: v for k, v in published.items() if k not in ("files", "loss_history")} == \
+        {k: v for k, v in trained.items() if k != "loss_history"}
+    facts = check_run(config, RunDir(str(run_dir)), {"lora": "global"})  # intact: accepted
+    assert facts.layers and all(".attn2.to_" in name for name in facts.layers)
+    make_lora(config.model.path, tmp_path / "other", b_std=0.1, seed=5)
+    weights.write_bytes((tmp_path / "other" / "pytorch_lora_weights.safetensors").read_bytes())
+    no_sampling()
+    assert refusal(config, capsys) == (f"{weights}: its content does not match the sha256 recorded in "
+                                       f"{run_dir}/lora/report.json (the file changed after training published it); "
+                                       "train again")

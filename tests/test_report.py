@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,50 @@ def test_instance_and_class_prompts_get_their_own_image_count():
     assert seeds_for(config, 4, "holdout") == seeds_for(config, 4, "custom") == [base, base + 1]
     unset = load_config(None, ["generate.num_images_per_prompt=2"])
     assert seeds_for(unset, 4, "instance") == [base, base + 1]
+
+
+def test_compare_warns_once_when_the_base_models_differ(runs, tmp_path, capsys):
+    """Same base model: no warning. Another UNet (fingerprint) or, without fingerprints, another model path: one
+    line on stderr, and the same warning on the page."""
+    glob, none = str(runs["global"][0]), runs["none"][0]
+    assert compare_runs(glob, str(none), out_dir=str(tmp_path / "same"))["warnings"] == []
+    assert "Warning" not in (tmp_path / "same" / "compare.md").read_text()
+
+    other = tmp_path / "other-unet"
+    shutil.copytree(none, other)
+    manifest = json.loads((other / "covariance" / "manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0123456789abcdef"
+    (other / "covariance" / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["compare", glob, str(other), "--out", str(tmp_path / "cmp")]) == 0
+    expected = ("the two runs have different base models (A: global: sd 'tiny' (UNet fake); B: other-unet: sd 'tiny' "
+                "(UNet 0123456789abcdef)); their drift and preservation figures are not comparable")
+    assert capsys.readouterr().err == f"nullbooth: warning: {expected}\n"
+    assert f"**Warning:** {expected}." in (tmp_path / "cmp" / "compare.md").read_text()
+
+    no_stats = tmp_path / "no-stats"  # no fingerprint recorded: told apart by backend and model path
+    shutil.copytree(runs["bare"][0], no_stats)
+    report = json.loads((no_stats / "report" / "report.json").read_text())
+    report["model"]["path"] = "/models/another"
+    (no_stats / "report" / "report.json").write_text(json.dumps(report))
+    assert compare_runs(glob, str(no_stats), out_dir=str(tmp_path / "cmp2"))["warnings"] == [
+        "the two runs have different base models (A: global: sd 'tiny' (UNet fake); B: no-stats: sd '/models/another'); "
+        "their drift and preservation figures are not comparable"]
+
+
+def test_report_md_says_the_preservation_error_is_at_lora_scale_1_when_the_images_are_not(runs):
+    """Training measures ΔW as trained; at generate.lora_scale s the update, and so the error, is s times that."""
+    from nullbooth.report.markdown import render_markdown
+
+    run_dir, report, *_ = runs["global"]
+    assert report["lora_scale"] == 1.0
+    page = (run_dir / "report" / "report.md").read_text()
+    assert page == render_markdown(report) and "LoRA scale 1, as trained" not in page
+    halved = copy.deepcopy(report)
+    halved["lora_scale"] = 0.5
+    overall = report["preservation"]["overall"]
+    note = ("- measured at LoRA scale 1, as trained; these images were sampled at LoRA scale 0.5, which scales ΔW and "
+            f"so every error here by 0.5 (overall {0.5 * overall:.4g} at scale 0.5)")
+    lines = render_markdown(halved).splitlines()
+    assert note in lines
+    section = lines[lines.index("## Layer-level preservation error (training)"):]
+    assert section.index(note) < section.index(next(s for s in section[1:] if s.startswith("## ")))

@@ -50,6 +50,34 @@ def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path, capsys):
     assert_nothing_written(tmp_path / "run")
 
 
+def test_an_address_from_the_environment_is_labelled_RAY_ADDRESS(monkeypatch):
+    """An error about RAY_ADDRESS names RAY_ADDRESS, not the config key ray.address the user never set."""
+    import socket
+
+    import nullbooth.cluster as cluster
+    from nullbooth.config import RayConfig
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("the GCS did not answer\nsecond line of Ray's text")
+
+    monkeypatch.setattr(cluster.ray, "init", refuse)
+    with socket.socket() as listener:  # something listens, so the quick probe passes and ray.init is reached
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        for ray_config, key in ((RayConfig(), "RAY_ADDRESS"), (RayConfig(address=address), "ray.address")):
+            with pytest.raises(NullBoothError) as err:
+                cluster.connect(ray_config)
+            assert str(err.value) == f"{key}: cannot reach the Ray cluster at {address!r}: the GCS did not answer"
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nobody listens: the probe's error
+    with pytest.raises(NullBoothError, match="^RAY_ADDRESS: cannot reach the Ray cluster at '127.0.0.1:"):
+        cluster.connect(RayConfig())
+
+
 def test_missing_prompt_file(tmp_path):
     config = make_config(tmp_path / "run")
     config.preserve.prompts_file = str(tmp_path / "gone.txt")  # removed after the config was validated
@@ -98,4 +126,26 @@ def test_model_without_cross_attention(tmp_path):
     config = make_config(tmp_path / "run", f"model.path={model}")
     with pytest.raises(NullBoothError, match=r"has no cross-attention \(attn2\) layers"):
         build_covariance(config)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_a_model_folder_with_an_unreadable_unet_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """model_index.json but no readable unet/config.json: a clean line from the driver, not from every actor after
+    Ray started (the check used to swallow the error and leave it to the actors)."""
+    import nullbooth.stats.build as build
+    from nullbooth.models.tiny import ensure_tiny_model
+
+    model = tmp_path / "broken-model"
+    shutil.copytree(ensure_tiny_model("tiny"), model)
+    (model / "unet" / "config.json").write_text("{not json")
+    config = make_config(tmp_path / "run", f"model.path={model}")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the model was checked")
+
+    monkeypatch.setattr(build, "connect", no_ray)
+    with pytest.raises(NullBoothError) as err:
+        build_covariance(config)
+    assert str(err.value).startswith(f"model.path: cannot read the UNet of {str(model)!r}: ")
+    assert "\n" not in str(err.value)
     assert_nothing_written(tmp_path / "run")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nullbooth.config.sections import Config, ThresholdConfig
+from nullbooth.config.sections import EMBEDDED_MODEL_NAMES, Config, ThresholdConfig
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import is_uri
 
@@ -24,6 +24,7 @@ def validate(config: Config) -> None:
     if config.train.storage_path:
         _check_writable_folder("train.storage_path", config.train.storage_path)
     _check_threshold(config.projection.threshold)
+    check_model_path(config.model.path)
     model, sampling = config.model, config.sampling
     if model.backend == "lcm" and sampling.scheduler != "lcm":
         raise NullBoothError(f"sampling.scheduler: model.backend 'lcm' samples with 'lcm', got {sampling.scheduler!r}")
@@ -68,6 +69,23 @@ def _check_writable_folder(key: str, location: str) -> None:
     kernel_view = existing.parts[1:2] in (("proc",), ("sys",))  # root may "write" there, but nothing can be created
     if kernel_view or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise NullBoothError(f"{key}: {location!r} cannot be written: {str(existing)!r} is not a writable folder")
+
+
+def check_model_path(path: str) -> None:
+    """Refuse a `model.path` that is none of the three forms: an embedded name, an existing diffusers pipeline folder
+    (with model_index.json), or a hub id "org/name". A local folder must exist where the driver runs (on a cluster:
+    shared storage, or a hub id), so a typo is refused now rather than by every actor after Ray started."""
+    if path in EMBEDDED_MODEL_NAMES:
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise NullBoothError(f"model.path: {path!r} is not a diffusers pipeline folder (no model_index.json)")
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise NullBoothError(f"model.path: {path!r} is neither a local folder, a hub id (org/name) nor one of "
+                             f"{', '.join(repr(n) for n in EMBEDDED_MODEL_NAMES)}")
 
 
 def _check_threshold(threshold: ThresholdConfig) -> None:

@@ -11,6 +11,7 @@ SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", 
 THRESHOLD_KINDS = ("relative", "absolute", "energy", "percentile")
 PROJECTION_MODES = ("global", "timestep", "none")
 DEFAULT_PROTECTED_LAYERS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+EMBEDDED_MODEL_NAMES = ("tiny", "tiny-lcm", "toy")  # model.path names the package builds or ships (models/registry.py)
 
 
 def _f(default: Any = None, help: str = "", *, factory: Any = None, **constraints: Any) -> Any:

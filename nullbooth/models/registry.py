@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nullbooth.config import check_model_path
 from nullbooth.errors import NullBoothError
 from nullbooth.models.tiny import TINY_MODELS, ensure_tiny_model
 from nullbooth.models.toyworld import WEIGHTS_DIR as TOY_WEIGHTS
 
-# Embedded model name -> the backend it is made for.
+# Embedded model name -> the backend it is made for (the names are config.EMBEDDED_MODEL_NAMES, which the config
+# checks know without importing the models).
 EMBEDDED_MODELS: dict[str, str] = {**TINY_MODELS, "toy": "sd"}
 
 
@@ -26,13 +28,6 @@ def resolve_model_location(path: str) -> str:
             raise NullBoothError(f"model.path: the shipped toy model is missing from {TOY_WEIGHTS}; reinstall the "
                                  "package, or train one with `nullbooth toy-model train OUT_DIR` and use that folder")
         return str(TOY_WEIGHTS)
+    check_model_path(path)  # checked with the config already; the folder may have gone since
     local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise NullBoothError(f"model.path: {path!r} is not a diffusers pipeline folder (no model_index.json)")
-        return str(local)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise NullBoothError(f"model.path: {path!r} is neither a local folder, a hub id (org/name) nor one of "
-                             f"{', '.join(repr(n) for n in EMBEDDED_MODELS)}")
-    return path
+    return str(local) if local.exists() else path

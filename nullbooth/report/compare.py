@@ -3,6 +3,8 @@
 Both runs must have a report (`nullbooth generate`). Drift is compared on the held-out preserved prompts the two
 reports share with the same seeds, so the numbers are computed on exactly the same (prompt, seed) pairs.
 Output (default RUN_A/report/compare/): compare.md, compare.csv, compare.png; the table is printed too.
+Two runs on different base models are still compared, with a one-line warning (printed, and on the page): the base
+model is told by its UNet fingerprint where both runs recorded one, else by backend and model path.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import csv
 import io
 from typing import Any
 
-from nullbooth.layout import COMPARE_DIR
+from nullbooth.layout import COMPARE_DIR, LORA_DIR, REPORT_NAME
 from nullbooth.report.drift import mean_drift
 from nullbooth.report.plots import compare_plot
 from nullbooth.report.schema import read_report
@@ -67,6 +69,37 @@ def format_table(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buffer.getvalue()
 
 
+def base_model(run: RunDir, report: dict) -> dict[str, Any]:
+    """The base model a run was made on: backend and path from its report, and the UNet fingerprint its statistics
+    manifest (or else its LoRA's training report) records, None when it has neither."""
+    from nullbooth.stats.manifest import has_manifest, read_manifest
+
+    fingerprint = read_manifest(run).fingerprint if has_manifest(run) else None
+    trained = f"{LORA_DIR}/{REPORT_NAME}"
+    if fingerprint is None and run.exists(trained):
+        raw = run.read_json(trained)
+        signature = raw.get("signature") if isinstance(raw, dict) else None
+        fingerprint = signature.get("fingerprint") if isinstance(signature, dict) else None
+    return {"backend": report["model"]["backend"], "path": report["model"]["path"], "fingerprint": fingerprint}
+
+
+def model_warning(models: list[dict[str, Any]], labels: list[str]) -> str | None:
+    """One line when the two runs' base models differ, else None."""
+    a, b = models
+    if a["fingerprint"] and b["fingerprint"]:
+        same = a["fingerprint"] == b["fingerprint"]
+    else:
+        same = (a["backend"], a["path"]) == (b["backend"], b["path"])
+    if same:
+        return None
+
+    def describe(m: dict[str, Any]) -> str:
+        return f"{m['backend']} {m['path']!r}" + (f" (UNet {m['fingerprint']})" if m["fingerprint"] else "")
+
+    return (f"the two runs have different base models ({labels[0]}: {describe(a)}; {labels[1]}: {describe(b)}); "
+            "their drift and preservation figures are not comparable")
+
+
 def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str, Any]:
     runs = [RunDir(run_a), RunDir(run_b)]
     reports = [read_report(r) for r in runs]
@@ -76,6 +109,7 @@ def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str
     common = [_key(p) for p in reports[0]["prompts"] if p["kind"] == "holdout" and _key(p) in keys_b]
     rows = [_row(label, report, common) for label, report in zip(labels, reports)]
     markdown, csv_text = format_table(rows)
+    warning = model_warning([base_model(run, report) for run, report in zip(runs, reports)], labels)
 
     preservation = {f"{label} ({row['mode']})": {t: v for t, v in (rep["preservation"] or {}).get(
         "per_timestep", {}).items() if v is not None} for label, row, rep in zip(labels, rows, reports)}
@@ -89,6 +123,7 @@ def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str
 
     out = RunDir(out_dir) if out_dir else RunDir(runs[0].uri(COMPARE_DIR))
     note = ("" if common else "\nThe runs share no held-out prompt with the same seeds: drift is not compared.\n")
+    note += f"\n**Warning:** {warning}.\n" if warning else ""
     page = (f"# Comparison\n\n- A: `{reports[0]['run_dir']}`\n- B: `{reports[1]['run_dir']}`\n\n"
             f"Drift is measured on the {len(common)} held-out preserved prompts both runs sampled with the same "
             f"seeds.{note}\n{markdown}\n![comparison](compare.png)\n")
@@ -96,7 +131,7 @@ def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str
     out.write_bytes("compare.csv", csv_text.encode())
     out.write_bytes("compare.md", page.encode())
     return {"rows": rows, "table": markdown, "markdown": out.uri("compare.md"), "csv": out.uri("compare.csv"),
-            "plot": out.uri("compare.png")}
+            "plot": out.uri("compare.png"), "warnings": [warning] if warning else []}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """Stage 3, `generate(config)`: base and fine-tuned samples of the same prompts, then the report.
 
     prompts   report/plan.py: the instance-prompt variants and the held-out preserved prompts, one seed rule
+    checks    report/checks.py: the statistics and the LoRA against this config (before Ray starts), then against
+              the model (fingerprint, LoRA layer shapes) before any sampling
     sampling  one Ray Data actor pool (nullbooth.models.sampler), each actor holding one pipeline with the run's LoRA
               loaded by stock diffusers `load_lora_weights`; every batch is sampled with the LoRA switched off
               (base) and on (fine-tuned), so both see identical batches
@@ -29,6 +31,13 @@ from nullbooth.layout import (
     single_prompt_file,
 )
 from nullbooth.models.sampler import sample_images
+from nullbooth.report.checks import (
+    RunFacts,
+    check_model,
+    check_run,
+    inspect_model,
+    model_facts,
+)
 from nullbooth.report.plan import PromptSamples, plan_prompts, seeds_for, slug
 from nullbooth.report.plots import image_grid
 from nullbooth.storage import RunDir, png_bytes
@@ -52,14 +61,17 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     run = RunDir(config.run_dir)
     lora_dir = require_lora(run)
     plain_dir = require_lora(run, BASELINE_LORA_DIR) if config.train.plain_baseline else None
+    loras = {LORA_DIR: config.projection.mode, **({BASELINE_LORA_DIR: "none"} if plain_dir else {})}
+    facts = check_run(config, run, loras)  # statistics and LoRA against the config, before Ray starts
     if prompt is not None:
-        return generate_one(config, run, lora_dir, prompt)
+        return generate_one(config, run, lora_dir, prompt, facts)
     from nullbooth.cluster import connect
     from nullbooth.report.write import read_baseline, write_report
 
     plan = plan_prompts(config, run)
     baseline = read_baseline(config)  # a wrong baseline_run fails now, not after sampling
     connect(config.ray)
+    check_model(config, facts, inspect_model(config, facts.layers))  # ... and against the model itself
     samples = sample_pairs(config, lora_dir, plan, plain_dir)
     write_samples(run, samples)
     summary = write_report(config, run, samples, baseline)
@@ -124,8 +136,9 @@ def write_samples(run: RunDir, samples: list[PromptSamples]) -> None:
     run.write_tensors(LATENTS, latents, metadata={"rows": json.dumps(index)})
 
 
-def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str) -> dict[str, Any]:
-    """One prompt, in this process: base first, then the same pipeline with the LoRA, side by side."""
+def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str, facts: RunFacts) -> dict[str, Any]:
+    """One prompt, in this process: base first, then the same pipeline with the LoRA, side by side (the pipeline's
+    UNet is checked against the run's `facts` first)."""
     from nullbooth.models.backends import get_backend
     from nullbooth.models.sampler import apply_lora, sample_batch
     from nullbooth.report.drift import drift_metrics
@@ -134,6 +147,7 @@ def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str) -> dic
         raise NullBoothError("--prompt: the prompt is empty")
     backend = get_backend(config)
     pipe = backend.load_pipeline(backend.device())
+    check_model(config, facts, model_facts(pipe.unet, facts.layers))
     seeds = seeds_for(config, 0)
     base_images, base_latents = sample_batch(config, pipe, [prompt] * len(seeds), seeds)
     apply_lora(pipe, lora_dir, config.generate.lora_scale)

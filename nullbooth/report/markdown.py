@@ -37,8 +37,9 @@ def _comparison(report: dict[str, Any]) -> list[str]:
     lines.append("| held-out drift from base, latent MSE | 0 | "
                  + " | ".join(number(d["latent_mse"]) if d else "–" for d in drift[:len(models) - 1]) + " |")
     errors = [(report["preservation"] or {}).get("overall"), (baseline or {}).get("preservation_overall")]
-    lines.append("| preservation error (overall) | 0 | " + " | ".join(number(e) for e in errors[:len(models) - 1])
-                 + " |")
+    at = "" if report["lora_scale"] == 1 else ", at LoRA scale 1"
+    lines.append(f"| preservation error (overall{at}) | 0 | "
+                 + " | ".join(number(e) for e in errors[:len(models) - 1]) + " |")
     if probe is not None:
         lines += ["", probe["definition"]]
     return lines + [""]
@@ -112,6 +113,7 @@ def _preservation(report: dict[str, Any]) -> list[str]:
               f"- mode: {p['mode'] or 'not recorded'}; overall (RMS over layers): **{number(p['overall'])}**; "
               f"largest layer: {number(p['max'])}",
               f"- unprotected LoRA targets: {', '.join(p['unprotected']) or 'none'}"]
+    lines += _scale_note(report["lora_scale"], p["overall"])
     baseline = report["baseline"]
     if baseline:
         lines.append(f"- baseline `{baseline['run_dir']}` ({baseline['mode']}): overall "
@@ -121,6 +123,16 @@ def _preservation(report: dict[str, Any]) -> list[str]:
         lines += ["", "| layer (largest errors) | error |", "|---|---:|"]
         lines += [f"| `{short_layer(k)}` | {v:.4g} |" for v, k in worst]
     return lines + [""] + _plot(files, "preservation", "preservation error per timestep")
+
+
+def _scale_note(scale: float, overall: float | None) -> list[str]:
+    """Training measures the error of the LoRA as trained (scale 1); the images may use another generate.lora_scale,
+    which multiplies ΔW and therefore every error by the same factor."""
+    if scale == 1:
+        return []
+    scaled = f" (overall {number(scale * overall)} at scale {scale:g})" if overall is not None else ""
+    return [f"- measured at LoRA scale 1, as trained; these images were sampled at LoRA scale {scale:g}, which "
+            f"scales ΔW and so every error here by {scale:g}{scaled}"]
 
 
 def _null_space(report: dict[str, Any]) -> list[str]:

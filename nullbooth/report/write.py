@@ -237,10 +237,10 @@ def _spectra(run: RunDir, manifest: Manifest) -> dict[str, dict]:
     kind, value = manifest.threshold["kind"], manifest.threshold["value"]
     spectra: dict[str, dict] = {}
     if manifest.text_layers:
-        eig = read_projection(run, "text")["eigenvalues"]
+        eig = read_projection(run, "text", manifest)["eigenvalues"]
         spectra["text keys (to_k, to_v)"] = {"eigenvalues": eig.numpy(), "tau": threshold_tau(eig, kind, value),
                                              "null_dim": manifest.null_dim(manifest.text_layers[0])}
-    image = read_projection(run, "global")
+    image = read_projection(run, "global", manifest)
     for name in manifest.image_layers:
         eig = image[f"{name}.eigenvalues"]
         spectra[name] = {"eigenvalues": eig.numpy(), "tau": threshold_tau(eig, kind, value),

@@ -20,6 +20,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ from nullbooth.stats.decompose import Decomposer
 from nullbooth.stats.manifest import (
     FORMAT_VERSION,
     Manifest,
+    changed_file_error,
+    changed_files,
     has_manifest,
     manifest_mismatches,
     missing_files,
@@ -101,6 +104,7 @@ def _build(config: Config, run: RunDir, dealer: Dealer, prompts: Prompts, starte
     writer = Writer(run)
     try:
         result = _collect_and_decompose(config, dealer, info, writer, len(prompts[0]))
+        result["files"] = dict(writer.digests)
         manifest = Manifest.from_json(_manifest(config, info, *prompts, result, dealer, started))
         _check_null_spaces(config, manifest)
         run.write_json(MANIFEST, manifest.to_json())  # last: its presence marks the run complete
@@ -132,7 +136,11 @@ def _refusal(run: RunDir, diffs: list[str]) -> str:
 
 
 def _check_existing(run: RunDir, config: Config, prompts: Prompts, force: bool) -> Manifest | None:
-    """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None."""
+    """A complete run whose config matches (its model fingerprint is checked once the actors are up), or None.
+
+    A matching run whose files no longer have the digests its manifest records is refused (before Ray starts)
+    unless `force`: it must not be reported as a complete run, nor silently replaced.
+    """
     if not has_manifest(run):
         return None
     try:
@@ -144,7 +152,10 @@ def _check_existing(run: RunDir, config: Config, prompts: Prompts, force: bool) 
     diffs = manifest_mismatches(manifest, config, prompts=prompts)
     if diffs and not force:
         raise NullBoothError(_refusal(run, diffs))
-    return None if diffs else manifest
+    changed = [] if diffs else changed_files(run, manifest)
+    if changed and not force:
+        raise changed_file_error(run, changed[0])
+    return None if diffs or changed else manifest
 
 
 def _reusable(run: RunDir, candidate: Manifest, config: Config, info: dict, prompts: Prompts, force: bool) -> bool:
@@ -165,19 +176,23 @@ def _reusable(run: RunDir, candidate: Manifest, config: Config, info: dict, prom
 def _check_model(config: Config) -> None:
     """Refuse a model without cross-attention or a layer filter that matches nothing before any actor starts.
 
-    The UNet is built from its config on the meta device (no weights, about a second for SD1.5). If this process
-    cannot read the model (a path that exists only on the workers, a hub id not cached here), the actors check it.
+    The UNet is built from its config on the meta device (no weights, about a second for SD1.5). A local folder must
+    be readable here (the config checks made sure it exists); only a hub id that is not cached on this machine is
+    left to the actors, which download it.
     """
     from diffusers import UNet2DConditionModel
 
     backend = get_backend(config)
+    location = backend.location
     try:
-        unet_config = UNet2DConditionModel.load_config(backend.location, subfolder="unet",
-                                                       revision=config.model.revision)
+        unet_config = UNet2DConditionModel.load_config(location, subfolder="unet", revision=config.model.revision)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
-    except (NullBoothError, OSError, ValueError, TypeError):
-        return
+    except (OSError, ValueError, TypeError) as err:
+        if not Path(location).is_dir():
+            return
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NullBoothError(f"model.path: cannot read the UNet of {config.model.path!r}: {first_line}") from None
     backend.check_unet(unet)
     find_protected_layers(unet, config.covariance.layers)
 
@@ -319,6 +334,7 @@ def _manifest(config: Config, info: dict, prompts: list[str], holdout: list[str]
         "spectra": {"text": _spectrum_summary(spectra["text"]["text"]),
                     "global": {name: _spectrum_summary(spectra["global"][name]) for name in image_layers}},
         "config": result_config(config),
+        "files": result["files"],
         "collection": {"num_workers": config.covariance.num_workers, "batch_size": config.covariance.batch_size,
                        "batches": len(dealer.batches), "actor_failures": dealer.failures,
                        "seconds": round(time.time() - started, 3), "device": info["device"],

@@ -10,6 +10,10 @@ are text-side and which image-side, and the null-space dimension of a layer at a
 the number of calls at each timestep weights it in the global covariance (stats/moments.py). A manifest without
 `plan` (written before plans could repeat) has plan = timesteps. A manifest is checked
 strictly when read, so a tampered or truncated one is refused with an error naming the field.
+
+`files` records the sha256 of every covariance and projection file (format 2). Each file is checked against it when
+a stage reads it (`read_listed`) and when build-cov would reuse the run, so a file that changed after it was written
+is refused by name instead of being used or reported as a complete run.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ from nullbooth.layout import MANIFEST, covariance_file, projection_file
 from nullbooth.models.layers import key_side
 from nullbooth.prompts import preserved_prompts
 from nullbooth.stats.moments import timestep_calls
-from nullbooth.storage import RunDir
+from nullbooth.storage import RunDir, sha256_hex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `files`, the sha256 of every covariance and projection file
 STORED_DTYPES = ("float32", "float64")
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REBUILD = "rebuild the statistics (nullbooth build-cov --force)"
+
+
+def expected_files(timesteps: list[int]) -> list[str]:
+    """Every covariance and projection file a complete run with this timestep plan holds, in writing order."""
+    return [rel for which in ["text", *timesteps, "global"] for rel in (covariance_file(which), projection_file(which))]
 
 
 def split_layers(layers: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -58,6 +69,7 @@ class Manifest:
     threshold: dict[str, Any]  # {"kind", "value"}
     null_dims: dict[str, Any]  # {"text": k, "global": {layer: k}, "timesteps": {"t": {layer: k}}}
     config: dict[str, Any]
+    files: dict[str, str]  # run-relative path -> sha256 of the file's bytes
     negative_prompt: str = ""
     product_dtype: str = "float32"
     spectra: dict[str, Any] = field(default_factory=dict)  # {"text": {tau, eig_min, eig_max}, "global": {layer: ...}}
@@ -154,6 +166,8 @@ _FIELDS = {
                   and all(_counts(c, positive=False) for c in v["timesteps"].values()),
                   "an object with 'text', 'global' and 'timesteps' null-space dimensions"),
     "config": (lambda v: isinstance(v, dict), "an object"),
+    "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(d, str) and _SHA256.match(d)
+                                                    for k, d in v.items()), "an object file -> sha256 hex digest"),
 }
 
 
@@ -161,9 +175,12 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     """The manifest if every required field is present and well-formed; else a NullBoothError naming the field."""
     if not isinstance(manifest, dict):
         raise NullBoothError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise NullBoothError(f"{where}: format_version is {manifest.get('format_version')!r}, this NullBooth reads "
-                             f"{FORMAT_VERSION}; rebuild the statistics (nullbooth build-cov --force)")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise NullBoothError(f"{where}: made by an older NullBooth (format_version 1, which records no digests of the "
+                             f"files; this one reads {FORMAT_VERSION}); {REBUILD}")
+    if version != FORMAT_VERSION:
+        raise NullBoothError(f"{where}: format_version is {version!r}, this NullBooth reads {FORMAT_VERSION}; {REBUILD}")
     for name, (check, expected) in _FIELDS.items():
         if name not in manifest:
             raise NullBoothError(f"{where}: required field {name!r} is missing")
@@ -184,6 +201,9 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     if sorted(dims["global"]) != image_layers or sorted(dims["timesteps"]) != sorted(steps) or any(
             sorted(dims["timesteps"][s]) != image_layers for s in steps):
         raise NullBoothError(f"{where}: field 'null_dims' must list every image-side layer, globally and per timestep")
+    if sorted(manifest["files"]) != sorted(expected_files(manifest["timesteps"])):
+        raise NullBoothError(f"{where}: field 'files' must list every covariance and projection file of the run "
+                             "(text, each timestep, global)")
     widths = {manifest["layers"][n]["in_features"] for n in text_layers}
     if len(widths) > 1:
         raise NullBoothError(f"{where}: text-side layers must share one width (the text encoder's), got {widths}")
@@ -204,8 +224,26 @@ def has_manifest(run: RunDir) -> bool:
 
 def missing_files(run: RunDir, manifest: Manifest) -> list[str]:
     """The covariance and projection files a complete run with this manifest must hold but does not."""
-    stems = ["text", "global", *manifest.timesteps]  # distinct: a repeated timestep has one file
-    return [rel for which in stems for rel in (covariance_file(which), projection_file(which)) if not run.exists(rel)]
+    return [rel for rel in expected_files(manifest.timesteps) if not run.exists(rel)]
+
+
+def changed_file_error(run: RunDir, rel: str) -> NullBoothError:
+    return NullBoothError(f"{run.uri(rel)}: its content does not match the sha256 recorded in {run.uri(MANIFEST)} "
+                          f"(the file changed after the statistics were written); {REBUILD}")
+
+
+def read_listed(run: RunDir, manifest: Manifest, rel: str) -> bytes:
+    """The bytes of one of the run's files, checked against the digest its manifest records."""
+    data = run.read_bytes(rel)
+    if sha256_hex(data) != manifest.files.get(rel):
+        raise changed_file_error(run, rel)
+    return data
+
+
+def changed_files(run: RunDir, manifest: Manifest) -> list[str]:
+    """The run's files that exist but no longer have the digest the manifest records (reads every file)."""
+    return [rel for rel in expected_files(manifest.timesteps)
+            if run.exists(rel) and sha256_hex(run.read_bytes(rel)) != manifest.files[rel]]
 
 
 # -- comparing a run with a config -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The statistics' tensor files, read back for every later stage: covariances and null-space bases per layer.
 
 Covariances are stored as means `C = Σ xxᵀ / n` in the manifest's `dtype`; bases and eigenvalues in float64 (file
-names in nullbooth.layout, the manifest in stats/manifest.py). Every tensor is checked against the shape the
-manifest promises, so a file that does not belong to the manifest is refused by name.
+names in nullbooth.layout, the manifest in stats/manifest.py). Given the manifest, every file is checked against the
+digest it records and every tensor against the shape it promises, so a file that changed since it was written, or
+does not belong to the manifest, is refused by name.
 """
 
 from __future__ import annotations
@@ -11,21 +12,29 @@ import torch
 
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import covariance_file, projection_file
-from nullbooth.stats.manifest import Manifest
-from nullbooth.storage import RunDir
+from nullbooth.stats.manifest import Manifest, read_listed
+from nullbooth.storage import RunDir, tensors_from_bytes
 
 STORED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------------
-def read_covariance(run: RunDir, which: str | int) -> dict[str, torch.Tensor]:
-    """The raw tensors of covariance/<which>.safetensors ("cov" for text; layer path -> C otherwise)."""
-    return run.read_tensors(covariance_file(which))
+def read_covariance(run: RunDir, which: str | int, manifest: Manifest | None = None) -> dict[str, torch.Tensor]:
+    """The raw tensors of covariance/<which>.safetensors ("cov" for text; layer path -> C otherwise); checked against
+    the manifest's digest when it is given."""
+    return _read(run, covariance_file(which), manifest)
 
 
-def read_projection(run: RunDir, which: str | int) -> dict[str, torch.Tensor]:
-    """The raw tensors of projection/<which>.safetensors ("basis"/"eigenvalues", or "<layer>.basis"/...)."""
-    return run.read_tensors(projection_file(which))
+def read_projection(run: RunDir, which: str | int, manifest: Manifest | None = None) -> dict[str, torch.Tensor]:
+    """The raw tensors of projection/<which>.safetensors ("basis"/"eigenvalues", or "<layer>.basis"/...); checked
+    against the manifest's digest when it is given."""
+    return _read(run, projection_file(which), manifest)
+
+
+def _read(run: RunDir, rel: str, manifest: Manifest | None) -> dict[str, torch.Tensor]:
+    if manifest is None:
+        return run.read_tensors(rel)
+    return tensors_from_bytes(read_listed(run, manifest, rel), run.uri(rel))
 
 
 def _check_which(manifest: Manifest, which: str | int) -> None:
@@ -70,7 +79,7 @@ def _per_layer(run: RunDir, manifest: Manifest, which: str | int, read, file_of,
         d = manifest.in_features(name)
         source = "text" if name in text_layers else which
         if source not in files:
-            files[source] = read(run, source)
+            files[source] = read(run, source, manifest)
         key, shape = (text if source == "text" else image)(name, d)
         if (source, key) not in loaded:
             loaded[(source, key)] = _tensor(files[source], key, shape, run.uri(file_of(source)))

@@ -7,21 +7,23 @@ LoRA, converted with diffusers' `convert_state_dict_to_diffusers` and saved by t
 followed by `fuse_lora()` reproduces the trained UNet.
 
 Rank 0 writes this into every checkpoint; the driver copies the final checkpoint's files to `run_dir/lora/`
-(atomically, weights first, `report.json` last).
+(atomically, weights first, `report.json` last, with the weights' sha256 added).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nullbooth.errors import NullBoothError
 from nullbooth.layout import LORA_DIR
 from nullbooth.layout import LORA_WEIGHTS as WEIGHTS
 from nullbooth.layout import REPORT_NAME as REPORT
-from nullbooth.storage import RunDir
+from nullbooth.storage import RunDir, sha256_hex
 from nullbooth.train.projection import LoraPair
 
 
@@ -45,10 +47,20 @@ def save_lora(pipeline_class: type, directory: str | Path, pairs: dict[str, Lora
 
 
 def publish(run: RunDir, checkpoint_dir: str | Path, lora_dir: str = LORA_DIR) -> str:
-    """Copy a checkpoint's LoRA and report into `run_dir/<lora_dir>/` (default lora/); returns its location."""
+    """Copy a checkpoint's LoRA and report into `run_dir/<lora_dir>/` (default lora/); returns its location.
+
+    The published report.json records the sha256 of the weights ("files"), which `generate` checks before it loads
+    them."""
     source = Path(checkpoint_dir)
-    run.write_bytes(f"{lora_dir}/{WEIGHTS}", (source / LORA_DIR / WEIGHTS).read_bytes())
-    run.write_bytes(f"{lora_dir}/{REPORT}", (source / REPORT).read_bytes())  # last: it marks the LoRA complete
+    weights = (source / LORA_DIR / WEIGHTS).read_bytes()
+    try:
+        report = json.loads((source / REPORT).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NullBoothError(f"{source / REPORT} is not valid JSON ({err})") from None
+    if not isinstance(report, dict):
+        raise NullBoothError(f"{source / REPORT}: expected a JSON object")
+    run.write_bytes(f"{lora_dir}/{WEIGHTS}", weights)
+    run.write_json(f"{lora_dir}/{REPORT}", {**report, "files": {WEIGHTS: sha256_hex(weights)}})  # last: marks it done
     return run.uri(lora_dir)
 
 
