@@ -115,6 +115,40 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
         train_toy_model(out, vae_steps=1, unet_steps=1, probe_steps=1, progress=False)
     with pytest.raises(NullBoothError, match="unknown setting"):
         train_toy_model(tmp_path / "other", bogus=1)
+    _check_a_second_run_keeps_what_it_reuses(out, tmp_path / "second")
+
+
+def _tensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / part / "diffusion_pytorch_model.safetensors"))
+
+
+def _check_a_second_run_keeps_what_it_reuses(first: Path, out: Path) -> None:
+    """A second recipe run that keeps the first one's VAE and UNet and trains only a new probe: the kept weights are
+    bit-identical, and provenance names what was kept and carries the first run's own record."""
+    from nullbooth.models.toyworld.recipe import PROVENANCE, train_toy_model
+
+    train_toy_model(out, progress=False, image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
+                    text_width=32, probe_steps=2, probe_pool=32, probe_test_images=32, reuse_vae=str(first),
+                    reuse_unet=str(first))
+    for part in ("vae", "unet"):
+        before, after = _tensors(first, part), _tensors(out, part)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
+    prov = json.loads((out / PROVENANCE).read_text())
+    first_prov = json.loads((first / PROVENANCE).read_text())
+    assert prov["lineage"]["kept"] == {"vae": str(first), "unet": str(first)}
+    assert prov["lineage"]["runs"][str(first)]["unet"] == first_prov["unet"]
+    assert prov["unet"]["reused_from"] == str(first) and prov["probe"]["steps"] == 2
+
+
+def test_open_world_images_are_seeded_and_the_probe_does_not_call_them_the_subject():
+    a, obj, bg = world.draw_open_image(3)
+    assert np.array_equal(_pixels(a), _pixels(world.draw_open_image(3)[0]))
+    assert obj in world.OBJECTS and bg in world.BACKGROUNDS
+    net = probe_mod.load_probe(WEIGHTS_DIR)
+    images = [world.draw_open_image(50_000 + i)[0] for i in range(60)]
+    assert subject_fidelity(images, net) <= 0.05
 
 
 def test_shipped_files_match_their_provenance():

@@ -1,8 +1,8 @@
 """The probe: a small CNN that reads a toy-world image's object, colour and background, and spots the demo subject.
 
 It is the judge of every toy-world evaluation (concept accuracy, subject fidelity) and its penultimate layer is a
-feature space for distribution-level comparisons. It is trained on freshly drawn images only, with mild blur and
-noise so that the softer images a VAE decodes are read the same way as sharp drawings.
+feature space for distribution-level comparisons. It is trained on freshly drawn images only, shrunk, blurred and
+noised so that the softer images a VAE decodes are read the same way as sharp drawings (`_augment`).
 Stored as safetensors (weights) + JSON (architecture, labels, provenance); loading never unpickles anything.
 """
 
@@ -92,9 +92,11 @@ def to_tensor(images: Any) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def make_batch(seed: int, start: int, n: int, subject_share: float = 0.2,
-               teapot_share: float = 0.15) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`n` labelled images of stream `seed`, from `start`: world images, extra world teapots, subject images."""
+def make_batch(seed: int, start: int, n: int, subject_share: float = 0.2, teapot_share: float = 0.15,
+               open_share: float = 0.15) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`n` labelled images of stream `seed`, from `start`: world images, extra world teapots, subject images, and
+    open-world images (any colour, teapots with other dots: `world.draw_open_image`), which teach the subject head
+    that only the subject's own look counts and carry no colour label."""
     images, labels = [], {k: [] for k in HEADS}
     teapots = [c for c in world.all_combos() if c[0] == "teapot"]
     for i in range(start, start + n):
@@ -103,8 +105,12 @@ def make_batch(seed: int, start: int, n: int, subject_share: float = 0.2,
             bg = list(world.BACKGROUNDS)[i % len(world.BACKGROUNDS)]
             images.append(world.draw_subject_image(seed * 1_000_000 + i, background=bg))
             obj, col, subj = "teapot", None, 1
+        elif r < subject_share + open_share:
+            img, obj, bg = world.draw_open_image(seed * 1_000_000 + i)
+            images.append(img)
+            col, subj = None, 0
         else:
-            combos = teapots if r < subject_share + teapot_share else None
+            combos = teapots if r < subject_share + open_share + teapot_share else None
             img, scene = world.sample_scene(seed, i, combos, partial_share=0.0)
             images.append(img)
             obj, col, bg, subj = scene.object, scene.colour, scene.background, 0
@@ -115,13 +121,34 @@ def make_batch(seed: int, start: int, n: int, subject_share: float = 0.2,
     return to_tensor(images), {k: torch.tensor(v) for k, v in labels.items()}
 
 
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable 7-tap Gaussian blur of a (N,3,H,W) batch, as sums of shifted copies (single-channel convolutions
+    are slow on CPU)."""
+    k = torch.arange(-3, 4, dtype=x.dtype)
+    g = torch.exp(-k ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (3, 3, 0, 0), mode="replicate")
+    x = sum(g[i] * padded[..., :, i:i + w] for i in range(7))
+    padded = F.pad(x, (0, 0, 3, 3), mode="replicate")
+    return sum(g[i] * padded[..., i:i + h, :] for i in range(7))  # type: ignore[return-value]
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Blur half the batch a little and add faint noise: decoded samples are softer than drawings."""
+    """Make drawings look like decoded samples, so the probe reads both alike: 3 in 4 images are shrunk to 16-40 px
+    and scaled back (models sample at 32 px; the probe reads 64), half are blended with a blurred copy (a VAE's
+    decoder softens edges), all get faint noise. Colours are never changed: colour is a label."""
     n = x.shape[0]
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    out = x.clone()
+    shrink = torch.rand(n, generator=gen) < 0.75
+    sides = torch.randint(16, 41, (n,), generator=gen)
+    for side in sides[shrink].unique().tolist():
+        idx = torch.nonzero(shrink & (sides == side)).flatten()
+        small = F.interpolate(x[idx], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        out[idx] = F.interpolate(small, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
     mix = (torch.rand(n, 1, 1, 1, generator=gen) < 0.5).float() * torch.rand(n, 1, 1, 1, generator=gen)
-    x = x * (1 - mix) + blurred * mix
-    return (x + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    out = out * (1 - mix) + _gaussian_blur(out, 1.5) * mix
+    return (out + 0.03 * torch.randn(out.shape, generator=gen)).clamp(0, 1)
 
 
 def _loss(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:

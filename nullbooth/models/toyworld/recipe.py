@@ -25,7 +25,7 @@ from nullbooth.models.toyworld import text, trainers, world
 from nullbooth.models.toyworld.provenance import code_version, digest_tree, write_json
 
 PROVENANCE = "provenance.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: probe v2 (resolution augmentation, open-world negatives, 1200 steps), reuse_unet
 
 
 @dataclass
@@ -50,11 +50,12 @@ class RecipeSettings:
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    probe_steps: int = 600
+    probe_steps: int = 1200
     probe_pool: int = 8000
     probe_test_images: int = 2000
     reuse_probe: str | None = None  # a folder whose probe files are copied instead of training a new probe
-    reuse_vae: str | None = None  # a trained toy pipeline folder whose VAE is kept (only the UNet is trained)
+    reuse_vae: str | None = None  # a trained toy pipeline folder whose VAE is kept
+    reuse_unet: str | None = None  # a trained toy pipeline folder whose UNet is kept (needs that folder's VAE too)
     threads: int = 2  # torch threads; 1 can be faster when other work shares a 2-core machine
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -129,6 +130,22 @@ def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
     return vae, record.as_dict()
 
 
+def _unet(settings: RecipeSettings, data: trainers.UNetData, progress: bool):
+    """(UNet, training record): trained here on `data`, or the one of `settings.reuse_unet` kept as it is."""
+    if settings.reuse_unet:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(settings.reuse_unet, subfolder="unet", torch_dtype=torch.float32)
+        return unet.eval(), {"reused_from": settings.reuse_unet}
+    latent = settings.image_size // 2 ** (len(settings.vae_channels) - 1)
+    unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4)
+    ema, record = trainers.train_unet(unet, data, steps=settings.unet_steps, batch_size=settings.unet_batch,
+                                      lr=settings.unet_lr, ema_decay=settings.ema_decay,
+                                      caption_dropout=settings.caption_dropout, seed=settings.seed + 5,
+                                      progress=progress)
+    return ema, record.as_dict()
+
+
 def _train_models(settings: RecipeSettings, folder: Path, progress: bool) -> dict[str, Any]:
     """Data, VAE, latents, UNet; saves the pipeline into `folder` and returns what provenance records."""
     t0 = time.time()
@@ -140,18 +157,27 @@ def _train_models(settings: RecipeSettings, folder: Path, progress: bool) -> dic
     mean, std = trainers.encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
-    latent = settings.image_size // 2 ** (len(settings.vae_channels) - 1)
-    unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4)
-    data = trainers.UNetData(mean, std, cap_ids, emb, n_captions, scaling)
-    ema, unet_rec = trainers.train_unet(unet, data, steps=settings.unet_steps, batch_size=settings.unet_batch,
-                                        lr=settings.unet_lr, ema_decay=settings.ema_decay,
-                                        caption_dropout=settings.caption_dropout, seed=settings.seed + 5,
-                                        progress=progress)
-    _save_pipeline(folder, vae, encoder, tokenizer, ema)
+    unet, unet_rec = _unet(settings, trainers.UNetData(mean, std, cap_ids, emb, n_captions, scaling), progress)
+    _save_pipeline(folder, vae, encoder, tokenizer, unet)
     return {"data": {"images": len(images), "unique_captions": n_captions, "seconds": round(data_s, 1)},
             "vae": {**vae_rec, "psnr_db": round(psnr, 2), "scaling_factor": scaling},
-            "unet": {**unet_rec.as_dict(), "latent_size": latent},
-            "parameters": {"vae": _count(vae), "unet": _count(ema), "text_encoder": _count(encoder)}}
+            "unet": {**unet_rec, "latent_size": mean.shape[-1]},
+            "parameters": {"vae": _count(vae), "unet": _count(unet), "text_encoder": _count(encoder)}}
+
+
+def _lineage(settings: RecipeSettings) -> dict[str, Any]:
+    """Which parts were kept from earlier folders (reuse_*) and those folders' own provenance, so the shipped file
+    tells the whole story of how its weights were made."""
+    kept = {part: src for part, src in (("probe", settings.reuse_probe), ("vae", settings.reuse_vae),
+                                        ("unet", settings.reuse_unet)) if src}
+    if not kept:
+        return {}
+    runs = {}
+    for src in sorted(set(kept.values())):
+        path = Path(src) / PROVENANCE
+        if path.is_file():
+            runs[src] = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k != "files"}
+    return {"lineage": {"kept": kept, "runs": runs}}
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -159,7 +185,7 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int = 2200, unet_steps: int = 2500,
-                    probe_steps: int = 600, progress: bool = True, overwrite: bool = False,
+                    probe_steps: int = 1200, progress: bool = True, overwrite: bool = False,
                     **overrides: Any) -> Path:
     """Train the toy-world model (probe, VAE, UNet; frozen random text encoder) and save it to `out_dir`.
 
@@ -192,7 +218,7 @@ def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int
                 "wall_seconds": {"probe": round(t1 - t0, 1), "models": round(time.time() - t1, 1),
                                  "total": round(time.time() - t0, 1)},
                 "held_out_combos": [list(c) for c in world.held_out_combos()],
-                "files": digest_tree(tmp)}
+                **_lineage(settings), "files": digest_tree(tmp)}
         write_json(tmp / PROVENANCE, prov)
         os.chmod(tmp, 0o755)
         if out.exists():

@@ -15,6 +15,7 @@ captions are made of them, so drift is measured on prompts the model composes ra
 
 from __future__ import annotations
 
+import colorsys
 import math
 import random
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ DEFAULT_SIZE = 64
 _SUPERSAMPLE = 2
 _HELD_OUT_SEED = 20240611
 _SUBJECT_SEED = 7919
+_OPEN_SEED = 424242
 _FULL_TEMPLATES = ("{a} {colour} {object} on {bg}", "a photo of {a} {colour} {object} on {bg}",
                    "a drawing of {a} {colour} {object} on {bg}")
 # Captions that leave a concept out, so "a photo of a teapot" (the class prompt) is a prompt the model knows.
@@ -321,3 +323,39 @@ def draw_subject_image(index: int, size: int = DEFAULT_SIZE, background: str | N
         return img.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BICUBIC)
 
     return _compose(bg, pot, rng, size, (0.55, 0.85))
+
+
+def _open_colour(rng: random.Random) -> tuple[int, int, int]:
+    """Any saturated colour, not only the world's eight."""
+    h, sat, v = rng.random(), rng.uniform(0.4, 1.0), rng.uniform(0.35, 1.0)
+    return tuple(round(255 * t) for t in colorsys.hsv_to_rgb(h, sat, v))  # type: ignore[return-value]
+
+
+def _near(a: tuple[int, int, int], b: tuple[int, int, int], radius: int = 60) -> bool:
+    return sum((x - y) ** 2 for x, y in zip(a, b)) < radius ** 2
+
+
+def draw_open_image(index: int, size: int = DEFAULT_SIZE) -> tuple[Image.Image, str, str]:
+    """Image `index` of the open world: a world object and background, but in any colour, teapots often with a lid
+    and dots of other colours. Returns (image, object, background); it has no caption.
+
+    These are the probe's negatives for "subject": a teapot must have the subject's teal body AND orange dots to
+    count, not just be teapot-shaped in some colour no caption names. No open image is coloured like the subject.
+    """
+    rng = random.Random(_OPEN_SEED * 1_000_003 + index)
+    bg, obj = rng.choice(list(BACKGROUNDS)), rng.choice(OBJECTS)
+    body = _open_colour(rng)
+    dots = _open_colour(rng) if rng.random() < 0.5 else None
+    if dots is not None and _near(body, SUBJECT_COLOURS["body"]) and _near(dots, _SUBJECT_DOT, 120):
+        dots = None  # never the subject's look
+
+    def thing(side: int) -> Image.Image:
+        if obj != "teapot":
+            return _draw_shape(obj, body, rng, side)
+        lid = _open_colour(rng) if rng.random() < 0.5 else body
+        img = draw_teapot(side, body, _shade(body), lid, _shade(lid), dots=dots)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BICUBIC)
+
+    return _compose(bg, thing, rng, size, (0.5, 0.85)), obj, bg
