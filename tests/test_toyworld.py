@@ -182,3 +182,21 @@ def test_shipped_probe_reads_fresh_images():
 def test_probe_load_refuses_a_folder_without_probe(tmp_path: Path):
     with pytest.raises(NullBoothError, match="probe.json"):
         probe_mod.load_probe(tmp_path)
+
+
+def test_the_shipped_probe_reads_the_shipped_vaes_reconstructions():
+    """What the VAE gives back is what any sample can at best show: the probe must read it (object and colour) as
+    it reads drawings, or concept accuracy would measure the judge's blind spots, not the model."""
+    import random
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR, subfolder="vae", torch_dtype=torch.float32).eval()
+    held = world.held_out_combos()
+    combos = [held[i % len(held)] for i in range(96)]
+    drawn = [world.draw_scene(c, random.Random(999 + i), size=32) for i, c in enumerate(combos)]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in drawn])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        decoded = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    captions = [world.caption(c) for c in combos]
+    assert concept_accuracy(decoded, captions, probe_mod.load_probe(WEIGHTS_DIR))["both"] >= 0.9
