@@ -51,8 +51,9 @@ def test_the_report_shows_base_global_and_none_side_by_side(toy_report):
     report, result = toy_report
     run_dir = Path(result["generation"]["grid"]).parent.parent
     for entry in report["prompts"]:
-        assert len(entry["base"]) == len(entry["finetuned"]) == len(entry["plain"]["files"]) == 1
-        assert (run_dir / entry["plain"]["files"][0]).is_file()
+        wanted = 4 if entry["kind"] in ("instance", "class") else 1  # configs/toy.yaml: generate.subject_images: 4
+        assert len(entry["base"]) == len(entry["finetuned"]) == len(entry["plain"]["files"]) == wanted
+        assert all((run_dir / f).is_file() for f in entry["plain"]["files"])
     assert [p["kind"] for p in report["prompts"]].count("class") == 1
     page = (run_dir / "report" / "report.md").read_text()
     assert "## Side by side" in page and "plain LoRA (none)" in page

@@ -6,7 +6,9 @@ The statistics run here is a small synthetic one written in the DESIGN layout wi
 (test_train_ray.py) use the real statistics stage.
 """
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -413,6 +415,16 @@ def copy_run(source, target):
     return str(target)
 
 
+def resign(run_dir, rel: str) -> str:
+    """Record the current sha256 of the run's file `rel` in its manifest (as a rebuild writing that file would)."""
+    digest = hashlib.sha256(Path(run_dir, rel).read_bytes()).hexdigest()
+    path = Path(run_dir, "covariance/manifest.json")
+    data = json.loads(path.read_text())
+    data["files"][rel] = digest
+    path.write_text(json.dumps(data))
+    return digest
+
+
 def test_statistics_are_checked_on_the_driver_and_their_digest_names_the_run(fake_run, tmp_path):
     config = make_config(fake_run, "projection.mode=timestep")
     manifest = read_manifest(RunDir(fake_run))
@@ -436,9 +448,11 @@ def test_statistics_are_checked_on_the_driver_and_their_digest_names_the_run(fak
     name = next(k for k in tensors if k.endswith(".basis"))
     tensors[name] = -tensors[name]  # the same null space, another basis: every byte of it changes
     save_file(tensors, f"{other}/projection/t0001.safetensors")
+    new_sha = resign(other, "projection/t0001.safetensors")
     other_manifest, changed = check_statistics(make_config(other, "projection.mode=timestep"), plan)
-    assert other_manifest == again_manifest
-    assert [rel for rel in files if changed[rel] != again[rel]] == ["projection/t0001.safetensors"]
+    assert other_manifest.files == {**again_manifest.files, "projection/t0001.safetensors": new_sha}
+    assert sorted(rel for rel in files if changed[rel] != again[rel]) == ["covariance/manifest.json",
+                                                                          "projection/t0001.safetensors"]
     assert statistics_digest(other_manifest, changed) != digest
 
 
@@ -453,13 +467,21 @@ def test_a_bad_statistics_file_is_refused_on_the_driver_and_a_changed_one_by_the
     basis = tmp_path / "run/projection/global.safetensors"
     original = basis.read_bytes()
     basis.write_bytes(pickle.dumps({"basis": [1.0, 2.0]}))
-    with pytest.raises(NullBoothError) as err:
+    with pytest.raises(NullBoothError) as err:  # the manifest's digest catches it first ...
+        check_statistics(config, plan)
+    assert str(err.value).startswith(f"{run_dir}/projection/global.safetensors: its content does not match the "
+                                     "sha256 recorded in ")
+    assert "\n" not in str(err.value)
+    resign(run_dir, "projection/global.safetensors")
+    with pytest.raises(NullBoothError) as err:  # ... and with a digest that matches, the format check
         check_statistics(config, plan)
     assert str(err.value).startswith(f"{run_dir}/projection/global.safetensors is not a valid safetensors file (")
     assert "\n" not in str(err.value)
     # A valid file changed between the driver's check and the worker's read: refused by the worker, by name.
     tensors = load_file(str(tmp_path / "run/projection/t0001.safetensors"))
     basis.write_bytes(original)
+    resign(run_dir, "projection/global.safetensors")
+    _, plan.files = check_statistics(config, plan)
     save_file(tensors, str(tmp_path / "run/projection/text.safetensors"))
     with pytest.raises(NullBoothError, match=rf"^{run_dir}/projection/text.safetensors: changed after the driver "
                                              r"checked it \(sha256 [0-9a-f]{16}, checked [0-9a-f]{16}\)"):
