@@ -289,3 +289,23 @@ def test_report_md_says_the_preservation_error_is_at_lora_scale_1_when_the_image
     assert note in lines
     section = lines[lines.index("## Layer-level preservation error (training)"):]
     assert section.index(note) < section.index(next(s for s in section[1:] if s.startswith("## ")))
+
+
+def test_grid_rows_with_fewer_images_start_under_their_groups_label():
+    """An instance prompt with 3 images per model above a held-out prompt with 1: the held-out prompt's fine-tuned
+    image sits where the instance prompt's fine-tuned images start, not next to its base image."""
+    from nullbooth.report.plots import image_grid
+
+    def solid(rgb):
+        return np.full((8, 8, 3), rgb, dtype=np.uint8)
+
+    red, green, blue, yellow = (220, 0, 0), (0, 200, 0), (0, 0, 230), (240, 230, 0)
+    rows = [PromptSamples("subject", "instance", base=[solid(red)] * 3, finetuned=[solid(green)] * 3),
+            PromptSamples("held out", "holdout", base=[solid(blue)], finetuned=[solid(yellow)])]
+    grid = np.asarray(Image.open(io.BytesIO(image_grid(rows))).convert("RGB"))
+
+    def first_column(colour):  # the leftmost x of a pixel of exactly that colour
+        return int(np.argwhere((grid == colour).all(axis=-1))[:, 1].min())
+
+    assert first_column(yellow) == first_column(green)
+    assert first_column(blue) == first_column(red) < first_column(green)

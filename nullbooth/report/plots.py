@@ -63,14 +63,17 @@ def _cell(image: np.ndarray) -> Image.Image:
 def image_grid(rows: list, title: str = "", columns: dict[str, str] | None = None) -> bytes:
     """Rows = prompts, column groups = models (base, fine-tuned, ...), each group one cell per seed, labelled.
 
-    rows: records with .prompt, .kind and one list of uint8 HxWx3 images per column group (the same count in every
-    group), such as nullbooth.report.plan.PromptSamples. columns: {attribute: label}, in order (default: base and
+    rows: records with .prompt, .kind and one list of uint8 HxWx3 images per column group, such as
+    nullbooth.report.plan.PromptSamples. Rows may hold fewer images than others (a held-out prompt gets one, an
+    instance prompt generate.subject_images): each group is as wide as the longest row, and a row's cells start at
+    its group's first column, under the group's label. columns: {attribute: label}, in order (default: base and
     fine-tuned).
     """
     columns = columns or {"base": "base", "finetuned": "fine-tuned"}
-    n = len(getattr(rows[0], next(iter(columns))))
-    cells = [[_cell(a) for attr in columns for a in getattr(row, attr)] for row in rows]
-    cw, ch = cells[0][0].size
+    n = max(len(getattr(row, attr)) for row in rows for attr in columns)
+    cells = [[(g * n + i, _cell(a)) for g, attr in enumerate(columns) for i, a in enumerate(getattr(row, attr))]
+             for row in rows]
+    cw, ch = cells[0][0][1].size
     pad, gap, label_w, header_h = 6, 10, 260, 46 if title else 26
     font, small, bold = _font(14), _font(12), _font(16)
     width = label_w + len(columns) * (n * (cw + pad) + gap) + pad
@@ -92,8 +95,8 @@ def image_grid(rows: list, title: str = "", columns: dict[str, str] | None = Non
         draw.multiline_text((pad + 10, y + 2), text, fill="black", font=font, spacing=2)
         if kind:
             draw.text((pad + 10, y + ch - 16), kind, fill=KIND_COLORS.get(kind, "#555555"), font=small)
-        for x, cell in zip(col_x, row_cells):
-            canvas.paste(cell, (x, y))
+        for column, cell in row_cells:
+            canvas.paste(cell, (col_x[column], y))
     return png_bytes(canvas)
 
 
