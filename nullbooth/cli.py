@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     p = toy_sub.add_parser("train", help="train the toy-world model (probe, VAE, UNet) into a folder, seeded, on CPU",
                            description="Train the toy-world model into OUT_DIR: a stock diffusers folder with its "
-                                       "probe and provenance.json (about 30 minutes on 2 CPU cores).")
+                                       "probe and provenance.json (about 40 minutes on 2 CPU cores).")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
