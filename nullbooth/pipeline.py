@@ -8,8 +8,9 @@ generation redraws the report, which is cheap.
 train.name whose checkpoint was made with another configuration is deleted and trained afresh. The training
 signature holds a digest of the statistics, so after a rebuild that changed them a checkpoint of the old ones is
 never resumed nor republished: without `force` training refuses it (naming `statistics` among the differences),
-with `force` it starts over. A rebuild that reproduces the same statistics keeps the finished training. Each stage's summary goes to `announce` as soon as the stage is done
-(the CLI passes `print`; a library caller gets them in the log).
+with `force` it starts over. A rebuild that reproduces the same statistics keeps the finished training. Each stage's
+summary goes to `announce` as soon as the stage is done (the CLI passes `print`; a library caller gets them in the
+log).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A pre-hook on the UNet reads the timestep of every call (the scheduler's own, so the statistics follow exactly the
 trajectory the sampler takes); pre-hooks on each image-side protected layer add `XᵀX` of the layer's input into
 that timestep's float64 accumulator. A timestep the plan repeats (`dpm++2m-karras`: `[..., 2, 1, 1, 0]`) has one
-accumulator, which every call at that timestep adds to; moments.py says how the global covariance weights it. The hooks only read the inputs the UNet computes anyway: nothing is
-recomputed (no attention is redone) and no activation is kept after its product is added.
+accumulator, which every call at that timestep adds to; moments.py says how the global covariance weights it. The
+hooks only read the inputs the UNet computes anyway: nothing is recomputed (no attention is redone) and no
+activation is kept after its product is added.
 
 Text-side keys (`attn2.to_k` / `attn2.to_v` read `encoder_hidden_states`) are added once per prompt from the
 embeddings themselves by `add_text`: the same rows reach every attn2 at every timestep, so hooking those layers

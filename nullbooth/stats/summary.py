@@ -51,7 +51,8 @@ def summarize(manifest: Manifest, run_uri: str, reused: bool, **extra: Any) -> d
     warnings, _ = empty_null_spaces(manifest)
     return {"run_dir": run_uri, "reused": reused, "backend": manifest.backend, "fingerprint": manifest.fingerprint,
             "prompts": len(manifest.prompts), "holdout_prompts": len(manifest.holdout_prompts),
-            "timesteps": list(manifest.timesteps), "plan": manifest.timestep_plan, "text_rows": manifest.text_rows, "image_rows": manifest.image_rows,
+            "timesteps": list(manifest.timesteps), "plan": manifest.timestep_plan, "text_rows": manifest.text_rows,
+            "image_rows": manifest.image_rows,
             "layers": layers, "warnings": warnings, **manifest.collection, **extra}
 
 
