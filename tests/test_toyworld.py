@@ -98,7 +98,8 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
 
     out = train_toy_model(tmp_path / "toy", vae_steps=2, unet_steps=2, probe_steps=2, progress=False,
                           image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
-                          probe_pool=32, probe_test_images=32, text_width=32, vae_batch=4, unet_batch=4)
+                          probe_pool=32, probe_test_images=32, text_width=32, vae_batch=4, unet_batch=4,
+                          vae_open_images=8)
     prov = json.loads((out / PROVENANCE).read_text())
     assert prov["files"] == digest_tree(out) and "unet/diffusion_pytorch_model.safetensors" in prov["files"]
     assert prov["unet"]["steps"] == 2 and prov["settings"]["image_size"] == 16
@@ -195,8 +196,47 @@ def test_the_shipped_probe_reads_the_shipped_vaes_reconstructions():
     held = world.held_out_combos()
     combos = [held[i % len(held)] for i in range(96)]
     drawn = [world.draw_scene(c, random.Random(999 + i), size=32) for i, c in enumerate(combos)]
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in drawn])).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        decoded = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    decoded = _vae_round_trip(vae, drawn)
     captions = [world.caption(c) for c in combos]
     assert concept_accuracy(decoded, captions, probe_mod.load_probe(WEIGHTS_DIR))["both"] >= 0.9
+
+
+def _vae_round_trip(vae, images) -> torch.Tensor:
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        return (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+
+
+def test_the_shipped_vae_keeps_the_subject_recognisable():
+    """A subject the VAE cannot draw can never be learnt: the shipped VAE saw open-world colours in training (never
+    the subject), and the probe must still recognise most subject images after its round trip."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR, subfolder="vae", torch_dtype=torch.float32).eval()
+    subjects = [world.draw_subject_image(20_000 + i, size=32) for i in range(48)]
+    assert subject_fidelity(_vae_round_trip(vae, subjects), probe_mod.load_probe(WEIGHTS_DIR)) >= 0.8
+
+
+def test_the_identifier_has_a_text_direction_that_preserved_captions_do_not_use():
+    """The null space can let the subject in only through a key direction the preserved captions leave free. With
+    the shipped (unit-scale) token embeddings most of the "sks" row lies in the text null space of the demo's
+    preserved captions, several times more than the rows of the held-out captions, which the update must not reach.
+    Computed independently of the statistics stage: the keys are the text encoder's outputs, C = XᵀX / n."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from nullbooth.models.toyworld import text
+    from nullbooth.nullspace import null_space
+
+    tokenizer = CLIPTokenizer.from_pretrained(WEIGHTS_DIR, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(WEIGHTS_DIR, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    keys = text.encode_prompts(tokenizer, encoder, world.preserved_prompts()).double().flatten(0, 1)
+    basis, _, _ = null_space(keys.T @ keys / len(keys), "relative", 1e-3)
+
+    def null_share(rows: torch.Tensor) -> torch.Tensor:
+        return (rows @ basis).norm(dim=-1) / rows.norm(dim=-1)
+
+    instance = text.encode_prompts(tokenizer, encoder, [DEMO_INSTANCE_PROMPT]).double()[0]
+    sks = DEMO_INSTANCE_PROMPT.split().index("sks") + 1  # after the start token
+    held = text.encode_prompts(tokenizer, encoder, world.drift_prompts(64)).double().flatten(0, 1)
+    assert null_share(instance[sks]) >= 0.5
+    assert null_share(instance[sks]) >= 5 * null_share(held).mean()

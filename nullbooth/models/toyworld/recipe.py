@@ -25,7 +25,10 @@ from nullbooth.models.toyworld import text, trainers, world
 from nullbooth.models.toyworld.provenance import code_version, digest_tree, write_json
 
 PROVENANCE = "provenance.json"
-RECIPE_VERSION = 2  # 2: probe v2 (resolution augmentation, open-world negatives, 1200 steps), reuse_unet
+# 2: probe v2 (resolution augmentation, open-world negatives, 1200 steps), reuse_unet
+# 3: token embeddings at unit scale (text.py), VAE trained on open-world images too (any colour, dotted teapots),
+#    8 latent channels
+RECIPE_VERSION = 3
 
 
 @dataclass
@@ -41,8 +44,12 @@ class RecipeSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_open_images: int = 8000  # open-world images (any colour) beside the world's, so the VAE can draw new colours
+    vae_open_teapots: float = 0.5  # their share of teapots, half of them dotted: the hardest detail a subject shows
+    latent_channels: int = 8  # 4 (SD's) blurred 2-px dots away at 32 px; 8 costs the UNet only its first/last conv
     text_width: int = 128
     text_layers: int = 2
+    token_std: float | None = 1.0  # the frozen encoder's token-embedding scale; None keeps CLIP's 0.02 (recipe v2)
     max_length: int = 16
     unet_channels: tuple[int, ...] = (64, 128)
     unet_steps: int = 2500
@@ -68,14 +75,35 @@ def _images(settings: RecipeSettings) -> tuple[torch.Tensor, list[str]]:
         img, scene = world.sample_scene(settings.seed, i, combos, size=settings.image_size)
         arrays.append(np.asarray(img, dtype=np.uint8))
         captions.append(scene.caption)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return x, captions
+    return _to_tensor(arrays), captions
+
+
+def _open_images(settings: RecipeSettings) -> torch.Tensor:
+    """Open-world images for the VAE only: a subject's new colours (teal, orange dots) must survive its round trip,
+    as a real VAE, trained on every photo, draws any colour. None is coloured like the subject (world.py)."""
+    want_teapots = round(settings.vae_open_images * settings.vae_open_teapots)
+    want = {"teapot": want_teapots, "other": settings.vae_open_images - want_teapots}
+    arrays, index = [], 0
+    while any(want.values()):
+        img, obj, _ = world.draw_open_image(index, size=settings.image_size)
+        kind = "teapot" if obj == "teapot" else "other"
+        if want[kind]:
+            want[kind] -= 1
+            arrays.append(np.asarray(img, dtype=np.uint8))
+        index += 1
+    return _to_tensor(arrays)
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    if not arrays:
+        return torch.zeros(0, 3, 1, 1)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _text_side(settings: RecipeSettings, captions: list[str]):
     tokenizer = text.build_tokenizer(settings.max_length)
     encoder = text.build_text_encoder(tokenizer, width=settings.text_width, layers=settings.text_layers,
-                                      seed=settings.seed + 1)
+                                      seed=settings.seed + 1, token_std=settings.token_std)
     unique = sorted(set(captions))
     emb = text.encode_prompts(tokenizer, encoder, [*unique, ""])
     where = {c: i for i, c in enumerate(unique)}
@@ -123,7 +151,10 @@ def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
 
         vae = AutoencoderKL.from_pretrained(settings.reuse_vae, subfolder="vae", torch_dtype=torch.float32)
         return vae.eval(), {"reused_from": settings.reuse_vae}
-    vae = trainers.build_vae(settings.image_size, settings.vae_channels, settings.vae_groups, settings.seed + 2)
+    vae = trainers.build_vae(settings.image_size, settings.vae_channels, settings.vae_groups, settings.seed + 2,
+                             settings.latent_channels)
+    if settings.vae_open_images:
+        images = torch.cat([images, _open_images(settings)])
     record = trainers.train_vae(vae, images, steps=settings.vae_steps, batch_size=settings.vae_batch,
                                 lr=settings.vae_lr, kl_weight=settings.vae_kl_weight, seed=settings.seed + 3,
                                 progress=progress)
@@ -138,7 +169,8 @@ def _unet(settings: RecipeSettings, data: trainers.UNetData, progress: bool):
         unet = UNet2DConditionModel.from_pretrained(settings.reuse_unet, subfolder="unet", torch_dtype=torch.float32)
         return unet.eval(), {"reused_from": settings.reuse_unet}
     latent = settings.image_size // 2 ** (len(settings.vae_channels) - 1)
-    unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4)
+    unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4,
+                               settings.latent_channels)
     ema, record = trainers.train_unet(unet, data, steps=settings.unet_steps, batch_size=settings.unet_batch,
                                       lr=settings.unet_lr, ema_decay=settings.ema_decay,
                                       caption_dropout=settings.caption_dropout, seed=settings.seed + 5,

@@ -3,8 +3,12 @@
 Word-level: every word the world's captions use, the demo prompts and the identifier "sks" is a single token, so
 the cross-attention keys of a caption are one row per word (the null-space analysis stays readable). It is a stock
 `CLIPTokenizer` (byte-level BPE) whose merges build each whole word; other text still tokenizes, byte by byte.
-The encoder is never trained: a random transformer already maps different words to clearly different key rows,
-and the UNet learns to read them.
+The encoder is never trained. Its token embeddings are drawn at unit scale (`token_std`), not CLIP's 0.02: then
+each word is a direction of its own in every output row, far above the position embeddings, as the words of a
+trained CLIP are well separated. That matters to the null space: with CLIP's initial scale, the outputs of a random
+encoder are mostly position and mixing, every token shares them, and a new identifier such as "sks" has no direction
+of its own (0.19 of its norm lay in the text null space, about as much as any held-out caption's token); at unit
+scale 0.78 of it does, against 0.05 on average for held-out captions (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -70,8 +74,12 @@ def build_tokenizer(max_length: int = 16):
     return tokenizer
 
 
-def build_text_encoder(tokenizer, *, width: int = 128, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A frozen random CLIPTextModel sized for the tokenizer; built under `seed` without touching global RNG."""
+def build_text_encoder(tokenizer, *, width: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
+                       token_std: float | None = 1.0):
+    """A frozen random CLIPTextModel sized for the tokenizer; built under `seed` without touching global RNG.
+
+    `token_std` is the standard deviation of the token embeddings (see the module docstring); None keeps CLIP's.
+    """
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
@@ -82,6 +90,9 @@ def build_text_encoder(tokenizer, *, width: int = 128, layers: int = 2, heads: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPTextModel(config)
+        if token_std is not None:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.normal_(0.0, token_std)
     model.requires_grad_(False)
     return model.eval()
 

@@ -37,8 +37,8 @@ def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def build_vae(image_size: int, channels: tuple[int, ...], groups: int, seed: int):
-    """An AutoencoderKL with 4 latent channels that downsamples by 2**(len(channels)-1)."""
+def build_vae(image_size: int, channels: tuple[int, ...], groups: int, seed: int, latent_channels: int = 4):
+    """An AutoencoderKL with `latent_channels` latent channels that downsamples by 2**(len(channels)-1)."""
     from diffusers import AutoencoderKL
 
     n = len(channels)
@@ -46,7 +46,7 @@ def build_vae(image_size: int, channels: tuple[int, ...], groups: int, seed: int
         torch.manual_seed(seed)
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                              up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=channels,
-                             layers_per_block=1, latent_channels=4, norm_num_groups=groups, sample_size=image_size)
+                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=groups, sample_size=image_size)
 
 
 def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
@@ -97,13 +97,14 @@ def reconstruction_psnr(vae, images: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / F.mse_loss(rec, images)))
 
 
-def build_unet(latent_size: int, channels: tuple[int, ...], text_width: int, seed: int):
+def build_unet(latent_size: int, channels: tuple[int, ...], text_width: int, seed: int, latent_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     n = len(channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4,
+        return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels,
+                                    out_channels=latent_channels,
                                     block_out_channels=channels, layers_per_block=1,
                                     down_block_types=("CrossAttnDownBlock2D",) * n,
                                     up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=text_width,
@@ -114,7 +115,7 @@ def build_unet(latent_size: int, channels: tuple[int, ...], text_width: int, see
 class UNetData:
     """Everything the UNet loop reads: latent posteriors, the caption index of each image, caption embeddings."""
 
-    mean: torch.Tensor  # (N,4,h,w), unscaled
+    mean: torch.Tensor  # (N,latent channels,h,w), unscaled
     std: torch.Tensor
     caption_ids: torch.Tensor  # (N,) index into `embeddings`
     embeddings: torch.Tensor  # (C, L, D); row `empty` is the empty prompt
