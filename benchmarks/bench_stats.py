@@ -12,9 +12,12 @@
    process's resident memory; and the covariances of the two, key by key (target ≤ 0.5× the bytes, equal to 1e-12).
 4. Reduction: N actors (`Partials`, the collectors' own reduction code, here holding synthetic SD1.5-sized packed
    per-timestep states: the 32 image-side layers, 99 MB) reduce among themselves (`reduce_state`), against the
-   driver gathering their N states and adding them in place (one allocation); the driver's peak resident memory
-   (VmHWM, reset before each) and wall time, N = 2 to 16, alternating the two, medians. Targets at N = 16: time
-   ≤ 1.0× the gather's, driver memory ≤ 1.5 states.
+   driver gathering their N states and adding them in place (one allocation), and at N = 16 the design it replaced
+   (pairwise remote add tasks). Wall time in this long-lived driver, the ways alternating, medians, after one
+   untimed round of each (as for every key but the first of a run: object-store pages mapped, the actors' buffers
+   allocated); driver memory once per way in a fresh process running the driver's side (a Ray task with
+   max_calls=1), whose peak resident memory (VmHWM above its baseline) counts every object-store page it maps.
+   N = 2 to 16. Targets at N = 16: time ≤ 1.0× the gather's, driver memory ≤ 1.5 states.
 
     python benchmarks/bench_stats.py [--quick] [--skip-sd15]
     python benchmarks/run_all.py --only stats          # the same rows into benchmarks/RESULTS.md
@@ -213,7 +216,7 @@ def _rss_mb() -> float:
 
 
 def _measure(fn) -> tuple[float, float]:
-    """(driver peak memory above the resident baseline in MB, seconds) of fn()."""
+    """(peak resident memory above the baseline in MB, seconds) of fn() in this process."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _rss_mb()
@@ -222,36 +225,67 @@ def _measure(fn) -> tuple[float, float]:
     return _peak_mb() - base, time.perf_counter() - start
 
 
-def reduction(n: int, widths: list[int], repeats: int) -> dict:
+@ray.remote(num_cpus=0)
+def _add_task(a: dict, b: dict) -> dict:
+    return add_states(a, b)
+
+
+def _previous_tree(refs: list) -> ray.ObjectRef:
+    """The design this replaced, for comparison: pairwise remote tasks, each allocating its sum and copying it into
+    the object store."""
+    level = list(refs)
+    while len(level) > 1:
+        level = [_add_task.remote(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)] + (
+            [level[-1]] if len(level) % 2 else [])
+    return level[0]
+
+
+def _check(total: dict, expected: float) -> float:
+    assert all(float(s[0]) == expected for s in total["sums"].values())
+    return sum(float(s.sum()) for s in total["sums"].values())  # touch it all, as writing it would
+
+
+def _gather(holders: list) -> dict:
+    states = ray.get([h.partial.remote("t") for h in holders])
+    total = add_states(states[0], states[1] if len(states) > 1 else empty_state())
+    for state in states[2:]:
+        add_state_into(total, state)
+    return total
+
+
+WAYS = {"tree": lambda holders: reduce_state(holders, "t"), "gather": _gather,
+        "before": lambda holders: ray.get(_previous_tree([h.partial.remote("t") for h in holders]))}
+
+
+@ray.remote(num_cpus=0, max_calls=1)
+def _as_driver(way: str, holders: list, expected: float) -> tuple[float, float]:
+    """The driver's side of one reduction, run in a fresh process (max_calls=1): every object-store page it maps
+    shows in its resident memory, which a process that had mapped those pages before would not show again."""
+    return _measure(lambda: _check(WAYS[way](holders), expected))
+
+
+def reduction(n: int, widths: list[int], repeats: int, previous: bool = False) -> dict:
+    """Seconds in this (long-lived) driver, after one untimed round of each way, as every key after the first of a
+    real run (object-store pages mapped, the actors' buffers allocated); driver memory in fresh processes."""
     holders = [Holder.remote(seed, widths) for seed in range(n)]
     ray.get([h.discard.remote("t") for h in holders])  # every actor is up: starting them is not the reduction
     expected = n * (n + 1) / 2
-
-    def check(total: dict) -> float:
-        assert all(float(s[0]) == expected for s in total["sums"].values())
-        return sum(float(s.sum()) for s in total["sums"].values())  # touch it all, as writing it would
-
-    def tree():
-        check(reduce_state(holders, "t"))
-
-    def gather():
-        states = ray.get([h.partial.remote("t") for h in holders])
-        total = add_states(states[0], states[1]) if n > 1 else add_states(states[0], empty_state())
-        for state in states[2:]:
-            add_state_into(total, state)
-        del states
-        check(total)
-
-    runs: dict[str, list[tuple[float, float]]] = {"tree": [], "gather": []}
-    for i in range(repeats):
-        for name in (("tree", "gather") if i % 2 == 0 else ("gather", "tree")):
-            runs[name].append(_measure(tree if name == "tree" else gather))
+    ways = ["tree", "gather", *(["before"] if previous else [])]
+    runs: dict[str, list[float]] = {way: [] for way in ways}
+    for i in range(repeats + 1):
+        for way in (ways if i % 2 == 0 else list(reversed(ways))):
+            _, seconds = _measure(lambda: _check(WAYS[way](holders), expected))
+            if i:
+                runs[way].append(seconds)
             ray.get([h.discard.remote("t") for h in holders])  # the next reduction starts from the own sums
+    memory = {}
+    for way in ways:
+        memory[way], _ = ray.get(_as_driver.remote(way, holders, expected))
+        ray.get([h.discard.remote("t") for h in holders])
     for h in holders:
         ray.kill(h)
-    med = lambda name, k: statistics.median(r[k] for r in runs[name])  # noqa: E731
-    return {"tree_mb": med("tree", 0), "tree_s": med("tree", 1), "gather_mb": med("gather", 0),
-            "gather_s": med("gather", 1), "levels": tree_levels(n)}
+    out = {f"{way}_s": statistics.median(runs[way]) for way in ways}
+    return {**out, **{f"{way}_mb": memory[way] for way in ways}, "levels": tree_levels(n)}
 
 
 # -- the rows --------------------------------------------------------------------------------------------------------
@@ -316,8 +350,9 @@ def _memory_rows(quick: bool, load) -> list[dict]:
 def _reduction_rows(quick: bool, load) -> list[dict]:
     widths = [320, 640] if quick else sd15_image_widths()
     state_mb = sum(8 * packed_size(d) for d in widths) / MB
-    repeats = 1 if quick else 3
-    results = {n: reduction(n, widths, repeats) for n in ((2, 4) if quick else (2, 4, 8, 16))}
+    repeats = 1 if quick else 5
+    sizes = (2, 4) if quick else (2, 4, 8, 16)
+    results = {n: reduction(n, widths, repeats, previous=n == max(sizes)) for n in sizes}
     table = "; ".join(f"N={n}: tree {r['tree_mb']:.0f} MB {r['tree_s']:.2f} s, gather {r['gather_mb']:.0f} MB "
                       f"{r['gather_s']:.2f} s" for n, r in results.items())
     n_max = max(results)
@@ -326,12 +361,16 @@ def _reduction_rows(quick: bool, load) -> list[dict]:
         row(f"stats: reduction wall time, actors' tree ÷ driver gather (N={n_max}, s)", r["tree_s"],
             r["tree_s"] / r["gather_s"], "≤ 1.0",
             f"s (tree); {n_max} actors on one node each holding one SD1.5-sized packed state ({state_mb:.0f} MB, "
-            f"{len(widths)} layers), {r['levels']} levels; medians of {repeats} alternating runs; tree {r['tree_s']:.2f} s, "
-            f"gather {r['gather_s']:.2f} s; {os.cpu_count()} CPUs; {load()}"),
+            f"{len(widths)} layers), {r['levels']} levels; medians of {repeats} alternating runs after one untimed "
+            f"round; tree {r['tree_s']:.2f} s, "
+            f"gather {r['gather_s']:.2f} s; the previous design (pairwise remote add tasks) on the same states "
+            f"{r['before_s']:.2f} s, driver {r['before_mb']:.0f} MB; {os.cpu_count()} CPUs; {load()}"),
         row(f"stats: reduction, driver peak memory in states (N={n_max})", r["tree_mb"] / state_mb,
             r["tree_mb"] / state_mb, "≤ 1.5",
-            f"driver peak RSS above baseline ÷ one packed state ({state_mb:.0f} MB; a full state was "
-            f"{state_mb * 2:.0f} MB); {table}; {load()}"),
+            f"driver peak resident memory above its baseline ÷ one packed state ({state_mb:.0f} MB; a full state "
+            f"was {state_mb * 2:.0f} MB), the driver's side run in a fresh process (a task with max_calls=1) so "
+            f"every object-store page it maps counts; gather at N={n_max}: {r['gather_mb'] / state_mb:.1f} states; "
+            f"{table}; {load()}"),
     ]
 
 

@@ -155,6 +155,18 @@ def test_row_counts():
     assert total_rows({901: {"a": 3, "b": 4}, 1: {"a": 5}}) == 12 and total_rows({}) == 0
 
 
+def test_add_states_writes_into_spare_arrays_of_matching_shape():
+    a, b = random_state(0, keys=("a", "b")), random_state(1, keys=("a", "c"))
+    expected = add_states(a, b)
+    spare = {"a": np.full_like(a["sums"]["a"], 7.0), "b": np.zeros(3), "c": np.zeros_like(b["sums"]["c"])}
+    total = add_states(a, b, out=spare)
+    assert total["sums"]["a"] is spare["a"] and total["sums"]["c"] is spare["c"]  # reused, not new memory
+    assert total["sums"]["b"] is not spare["b"] and total["sums"]["b"] is not a["sums"]["b"]  # shape differs: new
+    assert total["rows"] == expected["rows"]
+    for key in ("a", "b", "c"):
+        np.testing.assert_array_equal(total["sums"][key], expected["sums"][key])
+
+
 def state_of(**rows: torch.Tensor) -> dict:
     """A reduction state built from raw rows, independently of the hooks (packed)."""
     return {"sums": {k: pack(einsum_gram(x)) for k, x in rows.items()},
@@ -285,7 +297,8 @@ def test_tree_reduction_among_actors_equals_a_plain_sum(holders, n):
     assert sum(folds for folds, _ in reports) == n - 1 and tree_levels(n) == int(np.ceil(np.log2(n)))
     assert reports[0][0] == tree_levels(n)  # actor 0 adds once per level
     for (_, own), state in zip(reports, states):
-        assert own["rows"] == state["rows"] and all(np.array_equal(own["sums"][k], state["sums"][k]) for k in own["sums"])
+        assert own["rows"] == state["rows"]
+        assert all(np.array_equal(own["sums"][k], state["sums"][k]) for k in own["sums"])
     ray.get([h.discard.remote("t") for h in actors])
     again_ref, folds, levels = tree_reduce(actors, "t")
     assert len(ray.get(folds)) == n - 1 and levels == tree_levels(n)

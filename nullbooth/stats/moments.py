@@ -142,15 +142,23 @@ def empty_state() -> State:
     return {"sums": {}, "rows": {}}
 
 
-def add_states(a: State, b: State) -> State:
-    """The state of the rows of both, in new arrays: Σ_a + Σ_b and n_a + n_b per key; a key present in only one is
-    carried over (copied: the result owns its memory, never the object store's)."""
+def add_states(a: State, b: State, out: dict[str, np.ndarray] | None = None) -> State:
+    """The state of the rows of both, in memory of its own: Σ_a + Σ_b and n_a + n_b per key; a key present in only
+    one is carried over (copied: the result owns its memory, never the object store's). Arrays of `out` (sums of a
+    state no longer needed) are written into where key and shape match, instead of new memory."""
     sums: dict[str, np.ndarray] = {}
+    out = out or {}
     for key in a["sums"].keys() | b["sums"].keys():
+        first = a["sums"].get(key, b["sums"].get(key))
+        spare = out.get(key)
+        into = spare if spare is not None and spare.shape == first.shape else None
         if key in a["sums"] and key in b["sums"]:
-            sums[key] = a["sums"][key] + b["sums"][key]
+            sums[key] = np.add(a["sums"][key], b["sums"][key], out=into)
+        elif into is not None:
+            sums[key] = into
+            np.copyto(into, first)
         else:
-            sums[key] = np.array(a["sums"].get(key, b["sums"].get(key)))
+            sums[key] = np.array(first)
     rows = {key: a["rows"].get(key, 0) + b["rows"].get(key, 0) for key in a["rows"].keys() | b["rows"].keys()}
     return {"sums": dict(sorted(sums.items())), "rows": dict(sorted(rows.items()))}
 
