@@ -46,10 +46,18 @@ def _train(module, device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def _peak_gpu_bytes(collector) -> int | None:
+    """Run inside a collector actor (`__ray_call__`): its peak GPU memory so far (model, activations, sums)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 def collector_throughput(model_path: str, resolution: int, steps: int, batch: int, gpus: int, pairs: int,
-                         dtype: str = "float16") -> dict:
+                         dtype: str = "float16", accumulate_on: str = "device") -> dict:
     """One collector actor (the statistics stage's own `Collector`) sampling `batch` prompts over `steps` steps, with
-    and without the key hooks, alternately; wall times seen by the driver (so queued GPU work is counted)."""
+    and without the key hooks, alternately; wall times seen by the driver (so queued GPU work is counted), and the
+    actor's peak GPU memory at the end (None on a CPU)."""
     import ray
 
     from nullbooth.config import load_config
@@ -59,7 +67,8 @@ def collector_throughput(model_path: str, resolution: int, steps: int, batch: in
     config = load_config(ROOT / "configs" / "sd15.yaml", [
         f"model.path={model_path}", f"model.dtype={dtype}", "run_dir=/tmp/nullbooth-bench-gpu",
         f"sampling.height={resolution}", f"sampling.width={resolution}", f"sampling.num_inference_steps={steps}",
-        f"preserve.max_prompts={batch}", "preserve.holdout=0", f"covariance.batch_size={batch}"])
+        f"preserve.max_prompts={batch}", "preserve.holdout=0", f"covariance.batch_size={batch}",
+        f"covariance.accumulate_on={accumulate_on}"])
     prompts = preserved_prompts(config)[0][:batch]
     actor = ray.remote(Collector).options(num_cpus=1, num_gpus=gpus).remote(config, 0)
     device = ray.get(actor.describe.remote())["device"]
@@ -74,35 +83,46 @@ def collector_throughput(model_path: str, resolution: int, steps: int, batch: in
     for i in range(pairs):
         for collect in ((True, False) if i % 2 else (False, True)):
             (hooked if collect else plain).append(seconds(collect))
+    peak = ray.get(actor.__ray_call__.remote(_peak_gpu_bytes))
     ray.kill(actor)
     ratio = statistics.median(h / p for h, p in zip(hooked, plain))
-    return {"device": device, "hooked": statistics.median(hooked), "plain": statistics.median(plain), "ratio": ratio}
+    return {"device": device, "hooked": statistics.median(hooked), "plain": statistics.median(plain), "ratio": ratio,
+            "peak_bytes": peak}
 
 
 def _stats(module, device: str, quick: bool) -> list[dict]:
     """bench_stats.py measures on CPU; on a GPU (--device cuda) this adds what the operations guide plans with:
-    prompts/s per GPU of one SD1.5-shaped collector at 512×512 in float16, and the hooks' overhead there."""
+    prompts/s per GPU of one SD1.5-shaped collector at 512×512 in float16, the hooks' overhead there, and the
+    actor's peak GPU memory at 30 and 50 steps with the sums on the device and in host memory."""
     if device != "cuda":
         return module.run(device=device, quick=quick)
     import ray
 
-    steps, batch, pairs = (4, 2, 1) if quick else (30, 8, 3)
+    batch, pairs = (2, 1) if quick else (8, 3)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         from benchmarks.common import sd15_model_dir
 
-        r = collector_throughput(str(sd15_model_dir()), 512, steps, batch, gpus=1, pairs=pairs)
+        runs = {(steps, on): collector_throughput(str(sd15_model_dir()), 512, steps, batch, gpus=1, pairs=pairs,
+                                                  accumulate_on=on)
+                for steps in ((4,) if quick else (30, 50)) for on in ("device", "host")}
     finally:
         ray.shutdown()
-    note = (f"one Collector actor on {r['device']}, SD1.5-shaped UNet (random weights) in float16, 512×512, "
-            f"{steps} steps of the sd15.yaml sampler with guidance, batches of {batch}; medians of {pairs} "
-            f"alternating pairs: hooked {r['hooked']:.2f} s, plain {r['plain']:.2f} s per batch")
-    return [
-        {"figure": "stats: prompts/s per GPU, SD1.5-shaped collector (512×512, hooks on)",
-         "value": batch / r["hooked"], "ratio": None, "target": None, "note": note},
-        {"figure": "stats: collection overhead on GPU, hooks ÷ plain sampling (SD1.5-shaped)", "value": r["hooked"],
-         "ratio": r["ratio"], "target": "≤ 1.10", "note": note},
-    ]
+    rows = []
+    for (steps, on), r in runs.items():
+        note = (f"one Collector actor on {r['device']}, SD1.5-shaped UNet (random weights) in float16, 512×512, "
+                f"{steps} steps of the sd15.yaml sampler with guidance, batches of {batch}, covariance.accumulate_on="
+                f"{on}; medians of {pairs} alternating pairs: hooked {r['hooked']:.2f} s, plain {r['plain']:.2f} s "
+                f"per batch; peak GPU memory of the actor {r['peak_bytes'] / 1e9:.2f} GB")
+        rows += [
+            {"figure": f"stats: prompts/s per GPU, SD1.5-shaped collector (512×512, {steps} steps, hooks on, sums on "
+                       f"{on})", "value": batch / r["hooked"], "ratio": None, "target": None, "note": note},
+            {"figure": f"stats: collection overhead on GPU, hooks ÷ plain sampling (SD1.5-shaped, {steps} steps, "
+                       f"sums on {on})", "value": r["hooked"], "ratio": r["ratio"], "target": "≤ 1.10", "note": note},
+            {"figure": f"stats: peak GPU memory per collector actor, GB (SD1.5-shaped, {steps} steps, sums on {on})",
+             "value": r["peak_bytes"] / 1e9, "ratio": None, "target": None, "note": note},
+        ]
+    return rows
 
 
 # Benchmark name -> function(module, device, quick) returning contract rows, for scripts whose `run` differs or

@@ -1,5 +1,6 @@
-"""The statistics math (stats/moments.py) against independent computations, the tree reduction against a plain sum,
-the eigendecomposition tasks' bases for every threshold kind, and the hooks' bookkeeping on a toy UNet."""
+"""The statistics math (stats/moments.py) against independent computations, packed sums against full ones, the
+tree reduction among actors against a plain sum (and what an actor lost half-way leaves), the eigendecomposition
+tasks' bases for every threshold kind, and the hooks' bookkeeping on a toy UNet (device and host accumulation)."""
 
 import numpy as np
 import pytest
@@ -11,19 +12,24 @@ from nullbooth.stats.hooks import KeyStatistics
 from nullbooth.stats.manifest import split_layers
 from nullbooth.stats.moments import (
     add_gram,
+    add_state_into,
     add_states,
     add_to_timestep_sum,
     empty_state,
     gram,
     image_row_count,
+    pack,
+    packed_size,
+    packed_width,
     state_mean,
     state_means,
     text_row_count,
     timestep_calls,
     timestep_mean,
     total_rows,
+    unpack,
 )
-from nullbooth.stats.reduce import tree_levels, tree_reduce
+from nullbooth.stats.reduce import Partials, reduce_state, tree_levels, tree_reduce
 from nullbooth.stats.spectrum import decompose, submit_groups
 
 
@@ -44,16 +50,102 @@ def test_gram_is_the_sum_of_row_outer_products():
     np.testing.assert_allclose(g32.numpy(), einsum_gram(x), rtol=1e-5, atol=1e-4)
 
 
+def full_sum(xs, product_dtype: torch.dtype) -> torch.Tensor:
+    """The full float64 d×d sum as the hooks kept it before packing: the first product converted, every later one
+    added in place (addmm_ for float64 products, add_ with promotion for float32)."""
+    acc = None
+    for x in xs:
+        rows = x.reshape(-1, x.shape[-1]).to(product_dtype)
+        if acc is None:
+            acc = (rows.T @ rows).to(torch.float64)
+        elif product_dtype == torch.float64:
+            acc.addmm_(rows.T, rows)
+        else:
+            acc.add_(rows.T @ rows)
+    return acc
+
+
+def test_pack_and_unpack_are_inverse_on_symmetric_matrices():
+    rng = np.random.default_rng(0)
+    for d in (1, 2, 5, 8, 33):
+        a = rng.standard_normal((d, d))
+        sym = a + a.T
+        packed = pack(sym)
+        assert packed.shape == (packed_size(d),) == (d * (d + 1) // 2,) and packed_width(packed.shape[0]) == d
+        np.testing.assert_array_equal(unpack(packed), sym)
+        assert [packed[k] for k in range(min(d, 3))] == [sym[0, j] for j in range(min(d, 3))]  # row 0 first
+    with pytest.raises(ValueError, match="7 entries are not the upper triangle of a square matrix"):
+        packed_width(7)
+
+
 @pytest.mark.parametrize("product_dtype", [torch.float32, torch.float64])
-def test_add_gram_accumulates_in_place(product_dtype):
+def test_packed_sums_equal_the_full_sums(product_dtype):
+    """Covariances from packed sums equal the full (pre-packing) computation to 1e-12 relative — in fact bit for bit
+    here: the CPU's matmul gives an exactly symmetric product, and each kept entry sees the same additions."""
     rng = torch.Generator().manual_seed(1)
-    x1, x2 = torch.randn(3, 6, 5, generator=rng), torch.randn(11, 5, generator=rng)
-    acc = add_gram(None, x1, product_dtype)
-    np.testing.assert_allclose(acc.numpy(), gram(x1, product_dtype).numpy(), rtol=0, atol=0)
-    same = add_gram(acc, x2, product_dtype)
-    assert same is acc and same.dtype == torch.float64  # in place, still float64
-    tol = 1e-13 if product_dtype == torch.float64 else 1e-5
-    np.testing.assert_allclose(same.numpy(), einsum_gram(x1, x2), rtol=tol, atol=tol * 10)
+    for d in (1, 7, 64, 129):
+        xs = [torch.randn(*shape, d, generator=rng) for shape in ((3, 6), (11,), (2, 2, 5), (1,))]
+        for x in xs:
+            product = x.reshape(-1, d).to(product_dtype)
+            product = product.T @ product
+            assert torch.equal(product, product.T)  # what makes the packed sum exact
+        acc = None
+        for x in xs:
+            acc = add_gram(acc, x, product_dtype)
+        assert acc.dtype == torch.float64 and acc.shape == (packed_size(d),)
+        full = full_sum(xs, product_dtype)
+        rel = np.linalg.norm(unpack(acc.numpy()) - full.numpy()) / np.linalg.norm(full.numpy())
+        assert rel <= 1e-12
+        if product_dtype == torch.float32:
+            np.testing.assert_array_equal(unpack(acc.numpy()), full.numpy())
+        tol = 1e-13 if product_dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(unpack(acc.numpy()), einsum_gram(*xs), rtol=tol, atol=tol * 10)
+
+
+def test_adding_a_float32_product_makes_no_float64_copy_and_no_row_loop():
+    """Every tensor operation of one addition, recorded below Python (TorchDispatchMode): the only float64 result is
+    the sum itself, updated in place, and the number of operations does not grow with the rows or the width."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append((str(func.overloadpacket), out))
+            return out
+
+    counts = set()
+    for rows, d in ((4, 8), (300, 8), (4, 96), (300, 96)):
+        x = torch.randn(rows, d)
+        acc = add_gram(None, x, torch.float32)
+        address = acc.data_ptr()
+        with Record() as record:
+            same = add_gram(acc, x, torch.float32)
+        assert same is acc and same.data_ptr() == address
+        float64 = [(name, out) for name, out in record.ops if isinstance(out, torch.Tensor)
+                   and out.dtype == torch.float64]
+        assert [name for name, _ in float64] == ["aten.add_"] and float64[0][1].data_ptr() == address
+        made = [out for _, out in record.ops if isinstance(out, torch.Tensor)
+                and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]  # not views of the rows
+        assert max(out.numel() for out in made) == d * d  # the float32 product is the largest thing made
+        counts.add(len(record.ops))
+    assert len(counts) == 1, counts
+
+
+def test_add_state_into_adds_in_place():
+    a, b = random_state(0), random_state(1, keys=("a", "c"))
+    expected = add_states(a, b)
+    arrays = {key: a["sums"][key] for key in a["sums"]}
+    total = add_state_into(a, b)
+    assert total is a and all(total["sums"][key] is arrays[key] for key in arrays)  # the same memory, added into
+    assert total["rows"] == expected["rows"] == {"a": 35, "b": 17, "c": 18}
+    for key in ("a", "b", "c"):
+        np.testing.assert_array_equal(total["sums"][key], expected["sums"][key])
+    b["sums"]["c"][0] = 99.0
+    assert total["sums"]["c"][0] != 99.0  # a key only the other had was copied, not shared
 
 
 def test_row_counts():
@@ -63,9 +155,21 @@ def test_row_counts():
     assert total_rows({901: {"a": 3, "b": 4}, 1: {"a": 5}}) == 12 and total_rows({}) == 0
 
 
+def test_add_states_writes_into_spare_arrays_of_matching_shape():
+    a, b = random_state(0, keys=("a", "b")), random_state(1, keys=("a", "c"))
+    expected = add_states(a, b)
+    spare = {"a": np.full_like(a["sums"]["a"], 7.0), "b": np.zeros(3), "c": np.zeros_like(b["sums"]["c"])}
+    total = add_states(a, b, out=spare)
+    assert total["sums"]["a"] is spare["a"] and total["sums"]["c"] is spare["c"]  # reused, not new memory
+    assert total["sums"]["b"] is not spare["b"] and total["sums"]["b"] is not a["sums"]["b"]  # shape differs: new
+    assert total["rows"] == expected["rows"]
+    for key in ("a", "b", "c"):
+        np.testing.assert_array_equal(total["sums"][key], expected["sums"][key])
+
+
 def state_of(**rows: torch.Tensor) -> dict:
-    """A reduction state built from raw rows, independently of the hooks."""
-    return {"sums": {k: einsum_gram(x) for k, x in rows.items()},
+    """A reduction state built from raw rows, independently of the hooks (packed)."""
+    return {"sums": {k: pack(einsum_gram(x)) for k, x in rows.items()},
             "rows": {k: int(np.prod(x.shape[:-1])) for k, x in rows.items()}}
 
 
@@ -133,33 +237,86 @@ def random_state(seed: int, keys=("a", "b")) -> dict:
     sums, rows = {}, {}
     for key in keys:
         x = rng.standard_normal((17, 6))
-        sums[key], rows[key] = x.T @ x, 17 + seed
+        sums[key], rows[key] = pack(x.T @ x), 17 + seed
     return {"sums": sums, "rows": rows}
 
 
+@ray.remote(num_cpus=0)
+class Holder:
+    """A stand-in for a collector actor in the reduction: own sums it is given, the real `Partials`."""
+
+    def load(self, state: dict, die_on_fold: bool = False) -> None:
+        self.own = {"t": state}
+        self.partials = Partials(lambda which: self.own[which])
+        self.die_on_fold = die_on_fold
+        self.folds = 0
+
+    def partial(self, which):
+        return self.partials.partial(which)
+
+    def fold(self, which, peer):
+        self.folds += 1
+        rows = self.partials.fold(which, peer)
+        if self.die_on_fold:
+            import os
+            os._exit(1)
+        return rows
+
+    def discard(self, which):
+        self.partials.discard(which)
+
+    def report(self):
+        return self.folds, self.own["t"]
+
+
+@pytest.fixture(scope="module")
+def holders(ray_local):
+    """Five holder actors for the module (starting an actor process takes seconds here)."""
+    pool = [Holder.remote() for _ in range(5)]
+    yield pool
+    for h in pool:
+        ray.kill(h)
+
+
+def loaded(pool: list, states: list[dict], dying: int | None = None) -> list:
+    ray.get([h.load.remote(s, i == dying) for i, (h, s) in enumerate(zip(pool, states))])
+    return pool[:len(states)]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_tree_reduction_equals_a_plain_sum(ray_local, n):
+def test_tree_reduction_among_actors_equals_a_plain_sum(holders, n):
+    """N − 1 additions, each into an actor's own buffer, ⌈log2 N⌉ levels; the actors' own sums are left as they were
+    (a redone reduction starts from them); discarding the buffers makes a second reduction give the same total."""
     states = [random_state(seed) for seed in range(n)]
-    ref, levels = tree_reduce([ray.put(s) for s in states])
-    total = ray.get(ref)
-    assert levels == tree_levels(n) == int(np.ceil(np.log2(n)))
+    actors = loaded(holders, states)
+    total = reduce_state(actors, "t")
     for key in ("a", "b"):
         np.testing.assert_allclose(total["sums"][key], sum(s["sums"][key] for s in states), rtol=1e-14, atol=0)
         assert total["rows"][key] == sum(s["rows"][key] for s in states)
+    reports = ray.get([h.report.remote() for h in actors])
+    assert sum(folds for folds, _ in reports) == n - 1 and tree_levels(n) == int(np.ceil(np.log2(n)))
+    assert reports[0][0] == tree_levels(n)  # actor 0 adds once per level
+    for (_, own), state in zip(reports, states):
+        assert own["rows"] == state["rows"]
+        assert all(np.array_equal(own["sums"][k], state["sums"][k]) for k in own["sums"])
+    ray.get([h.discard.remote("t") for h in actors])
+    again_ref, folds, levels = tree_reduce(actors, "t")
+    assert len(ray.get(folds)) == n - 1 and levels == tree_levels(n)
+    again = ray.get(again_ref)
+    assert all(np.array_equal(again["sums"][k], total["sums"][k]) for k in ("a", "b"))
 
 
-def test_tree_reduction_runs_one_addition_per_pair_per_level(ray_local):
-    """N − 1 remote additions for N states, none in the driver."""
-    calls = []
+def test_an_actor_lost_during_the_reduction_gives_an_error_never_a_partial_total(holders):
+    """Actor 2 dies right after adding actor 3's sums into its buffer: those sums are gone from the tree, and
+    reduce_state must raise rather than hand over actor 0's total of the other three."""
+    from ray.exceptions import RayActorError
 
-    class Counting:
-        @staticmethod
-        def remote(a, b):
-            calls.append(1)
-            return ray.put(add_states(ray.get(a), ray.get(b)))
-
-    _, levels = tree_reduce([ray.put(random_state(s)) for s in range(5)], add=Counting)
-    assert len(calls) == 4 and levels == 3
+    states = [random_state(seed) for seed in range(4)]
+    actors = loaded(holders[:2] + [Holder.remote()] + holders[3:], states, dying=2)
+    with pytest.raises(RayActorError):
+        reduce_state(actors, "t")
+    folds, own = ray.get(actors[3].report.remote())
+    assert folds == 0 and np.array_equal(own["sums"]["a"], states[3]["sums"]["a"])  # still there for a redo
 
 
 def test_add_states_carries_keys_present_on_one_side():
@@ -228,12 +385,53 @@ def test_hooks_add_gram_per_timestep_and_count_rows():
     assert not unet._forward_pre_hooks and not unet.q._forward_pre_hooks  # removed after use
     unet(x1, torch.tensor(5))  # outside `attached`: neither counted nor refused
     q_in = x1.reshape(-1, 3).double()
-    np.testing.assert_allclose(stats.image_state(901)["sums"]["blk.attn2.to_q"], 2 * (q_in.T @ q_in).numpy(),
+    np.testing.assert_allclose(unpack(stats.image_state(901)["sums"]["blk.attn2.to_q"]), 2 * (q_in.T @ q_in).numpy(),
                                rtol=1e-14)
     assert stats.image_rows == {901: {"blk.attn2.to_q": 16, "blk.attn2.to_out.0": 8},
                                 1: {"blk.attn2.to_q": 8, "blk.attn2.to_out.0": 4}}
     out_in = unet.q(x2)[:, ::2].reshape(-1, 3).double()
-    np.testing.assert_allclose(stats.image_state(1)["sums"]["blk.attn2.to_out.0"], (out_in.T @ out_in).detach(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(unpack(stats.image_state(1)["sums"]["blk.attn2.to_out.0"]),
+                               (out_in.T @ out_in).detach(), rtol=1e-12)
     with pytest.raises(Exception, match="timestep 5, which is not in its timestep plan"), stats.attached():
         unet(x1, torch.tensor(5))
+
+
+def run_toy(accumulate_on: str, released=()) -> KeyStatistics:
+    """The toy UNet over a fixed trajectory (3 calls, one timestep repeated) plus two text batches."""
+    torch.manual_seed(7)
+    unet = ToyUNet()
+    layers = {"blk.attn2.to_q": unet.q, "blk.attn2.to_out.0": unet.out}
+    stats = KeyStatistics(unet, layers, [901, 1], "float32", accumulate_on=accumulate_on, released=released)
+    rng = torch.Generator().manual_seed(8)
+    with torch.no_grad(), stats.attached():
+        for t in (901, 1, 1):
+            unet(torch.randn(4, 6, 3, generator=rng), torch.tensor(float(t)))
+    for _ in range(2):
+        stats.add_text(torch.randn(2, 5, 4, generator=rng))
+    return stats
+
+
+def test_host_and_device_accumulation_give_identical_sums():
+    """On a CPU actor `accumulate_on: host` goes through its own path (a worker thread adds each triangle); the sums
+    must be bit for bit those of `device`."""
+    device, host = run_toy("device"), run_toy("host")
+    assert host.accumulate_on == "host" and type(host.sums).__name__ == "HostAccumulation"
+    for which in ("text", 901, 1):
+        a = device.text_state() if which == "text" else device.image_state(which)
+        b = host.text_state() if which == "text" else host.image_state(which)
+        assert a["rows"] == b["rows"] and a["sums"].keys() == b["sums"].keys() and a["sums"]
+        for key in a["sums"]:
+            np.testing.assert_array_equal(a["sums"][key], b["sums"][key])
+    assert device.nbytes() == host.nbytes() == 8 * (packed_size(4) + 4 * packed_size(3))
+    host.sums.close()
+
+
+def test_released_keys_are_dropped_and_not_added_again():
+    whole = run_toy("device")
+    stats = run_toy("device", released=("text", 1))  # as a replacement started after those were reduced
+    assert stats.text_state() == {"sums": {}, "rows": {}} and stats.image_state(1) == {"sums": {}, "rows": {}}
+    np.testing.assert_array_equal(stats.image_state(901)["sums"]["blk.attn2.to_q"],
+                                  whole.image_state(901)["sums"]["blk.attn2.to_q"])
+    whole.release(901)
+    assert whole.image_state(901) == {"sums": {}, "rows": {}} and whole.image_state(1)["rows"]
+    assert whole.nbytes() == 8 * (packed_size(4) + 2 * packed_size(3))

@@ -72,12 +72,19 @@ class CovarianceConfig:
     batches_in_flight: int = _f(2, "batches queued per actor at most", min=1)
     product_dtype: str = _f("float32", "dtype of batch products XᵀX before float64 accumulation",
                             choices=("float32", "float64"))
+    accumulate_on: str = _f("device", "where the float64 sums live: device (next to the model) or host (host memory, "
+                                      "for GPU actors short of memory: docs/operations.md, section 6)",
+                            choices=("device", "host"))
     eigh_group_size: int = _f(8, "(layer, timestep) covariances per eigendecomposition task", min=1)
     dtype: str = _f("float32", "dtype of the stored covariance files (sums and eigendecompositions are float64)",
                     choices=("float32", "float64"))
     fail_after_batches: int | None = _f(None, "TEST AID: collector actor 0 (first incarnation only) exits its process "
                                         "right after absorbing its N-th batch, as a lost node would; the driver "
                                         "redoes every batch it had absorbed on a replacement actor", min=1)
+    fail_in_reduction: int | None = _f(None, "TEST AID: collector actor 0 (first incarnation only) exits its process "
+                                       "during its N-th addition of a peer's sums in the reduction, after adding "
+                                       "them, as a lost node would; the driver redoes its batches on a replacement "
+                                       "and that key's reduction", min=1)
 
 
 @dataclass

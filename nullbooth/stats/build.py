@@ -5,7 +5,8 @@
    against `covariance.layers` from its config alone, before any actor starts.
 2. Connect to Ray, start `covariance.num_workers` collector actors (stats/collector.py) and deal them fixed prompt
    batches (stats/dealer.py), redoing every batch of an actor that dies.
-3. Per timestep, tree-reduce the live actors' sums (stats/reduce.py), write the mean covariances, and queue their
+3. Per timestep, tree-reduce the live actors' sums among the actors (stats/reduce.py; an actor lost meanwhile is
+   replaced and that key reduced again, stats/dealer.py), write the mean covariances, and queue their
    eigendecompositions (stats/decompose.py, stats/spectrum.py) in groups of `covariance.eigh_group_size` (layers
    and timesteps mixed); the global covariance is the mean over the plan's UNet calls (a timestep the plan repeats
    is reduced once and weighted by its calls, see stats/moments.py), the text covariance is reduced once.
@@ -24,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
 
 import nullbooth
 from nullbooth import telemetry
@@ -54,13 +53,13 @@ from nullbooth.stats.manifest import (
     split_layers,
 )
 from nullbooth.stats.moments import (
+    State,
     add_to_timestep_sum,
     state_mean,
     state_means,
     timestep_calls,
     timestep_mean,
 )
-from nullbooth.stats.reduce import tree_reduce
 from nullbooth.stats.spectrum import Spectrum
 from nullbooth.stats.store import STORED_DTYPES
 from nullbooth.stats.summary import empty_null_spaces, summarize
@@ -207,16 +206,11 @@ def _clear(run: RunDir) -> None:
 # -- collection, reduction, decomposition ----------------------------------------------------------------------------
 def _collect_and_decompose(config: Config, dealer: Dealer, info: dict, writer: Writer, n_prompts: int) -> dict:
     bar = telemetry.progress(n_prompts, "covariance: prompts sampled", unit="prompt")
+    # Batches of an actor lost during the reduction are dealt again from there, on the same progress bar.
+    redeal = {"on_batch": lambda done: bar.update(done["prompts"]), "on_lost": lambda lost: bar.update(-lost)}
     try:
-        while True:
-            dealer.run(on_batch=lambda done: bar.update(done["prompts"]), on_lost=lambda lost: bar.update(-lost))
-            try:
-                reduced = _reduce(config, dealer, info, writer)
-                break
-            except (RayActorError, RayTaskError) as err:
-                # An actor died after its last batch: its sums are gone, so its batches are dealt again.
-                if not dealer.recover(err, on_lost=lambda lost: bar.update(-lost)):
-                    raise
+        dealer.run(**redeal)
+        reduced = _reduce(config, dealer, info, writer, redeal)
     finally:
         bar.close()
     dealer.shutdown()  # the actors' resources (GPUs on a cluster) go to the eigendecomposition tasks
@@ -239,7 +233,7 @@ class _Outputs:
             self.decomposer.add(which, key, cov)
 
 
-def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
+def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer, redeal: dict) -> dict:
     """Tree-reduce "text" then every distinct timestep, writing the mean covariances and queueing their
     eigendecompositions."""
     plan: list[int] = info["timesteps"]
@@ -251,12 +245,13 @@ def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
     bar = telemetry.progress(len(calls) + 1, "covariance: tree reduction", unit="state")
     done = telemetry.gauge("stats_reduced_states", "states (text + timesteps) tree-reduced")
     try:
-        text_rows = _reduce_text(dealer, out)
+        text_rows = _put_text(dealer.reduce("text", **redeal), out)
         bar.update(1)
         image_rows: dict[str, dict[str, int]] = {}
         timestep_sum: dict[str, np.ndarray] = {}
         for i, (t, n_calls) in enumerate(calls.items()):
-            image_rows[str(t)] = _reduce_timestep(t, n_calls, dealer, image_layers, out, timestep_sum)
+            image_rows[str(t)] = _put_timestep(t, n_calls, dealer.reduce(t, **redeal), image_layers, out,
+                                                  timestep_sum)
             bar.update(1)
             done.set(i + 2)
         global_cov = timestep_mean(timestep_sum, len(plan))
@@ -270,22 +265,17 @@ def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer) -> dict:
     return {"text_rows": text_rows, "image_rows": image_rows, "decomposer": out.decomposer}
 
 
-def _reduce_text(dealer: Dealer, out: _Outputs) -> int:
-    """Reduce the text sums once: write C[text] and queue its basis (sent with the first timestep's); returns n."""
-    ref, _ = tree_reduce(dealer.states("text"))
-    text = ray.get(ref)
+def _put_text(text: State, out: _Outputs) -> int:
+    """From the reduced text sums: write C[text] and queue its basis (sent with the first timestep's); returns n."""
     cov = state_mean(text, "text")
     out.put("text", {"cov": cov}, {"text": cov})
     return int(text["rows"]["text"])
 
 
-def _reduce_timestep(t: int, n_calls: int, dealer: Dealer, image_layers: list[str], out: _Outputs,
+def _put_timestep(t: int, n_calls: int, total: State, image_layers: list[str], out: _Outputs,
                      timestep_sum: dict[str, np.ndarray]) -> dict[str, int]:
-    """Reduce timestep t (all its `n_calls` UNet calls): write every C[layer, t], queue their bases, add them to
-    `timestep_sum` weighted by `n_calls`; returns the image-side layers' row counts at t."""
-    ref, _ = tree_reduce(dealer.states(t))
-    total = ray.get(ref)
-    del ref
+    """From the reduced sums of timestep t (all its `n_calls` UNet calls): write every C[layer, t], queue their
+    bases, add them to `timestep_sum` weighted by `n_calls`; returns the image-side layers' row counts at t."""
     missing = [name for name in image_layers if name not in total["rows"]]
     if missing:
         raise NullBoothError(f"covariance.layers: {missing[0]} was never called at timestep {t}; the sampler "

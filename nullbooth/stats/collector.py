@@ -8,7 +8,8 @@ the preserved list is always sampled with `torch.Generator().manual_seed(samplin
 slices of the list, so the sums do not depend on which actor absorbed which batch. Sampling stops at the latents
 (`output_type="latent"`): the VAE plays no part in the keys.
 
-Only sums leave the actor (`state`), as float64 numpy arrays; no raw activation is kept or written.
+Only sums leave the actor, as packed float64 numpy arrays; no raw activation is kept or written. The actors reduce
+their sums among themselves (`partial`, `fold`: stats/reduce.py) and drop a key's sums once the driver `release`s it.
 """
 
 from __future__ import annotations
@@ -29,18 +30,23 @@ from nullbooth.models.backends import get_backend, model_fingerprint, torch_thre
 from nullbooth.models.layers import find_protected_layers, layer_table
 from nullbooth.stats.hooks import KeyStatistics
 from nullbooth.stats.moments import State, total_rows
+from nullbooth.stats.reduce import Partials
 
 
 class Collector:
     """Created by the driver as a Ray actor (`ray.remote(Collector)`); `slot` is its place among the workers and
-    `incarnation` counts replacements of that slot (the fault-injection test aid fires in incarnation 0 only)."""
+    `incarnation` counts replacements of that slot (the fault-injection test aids fire in incarnation 0 only);
+    `released` lists the keys ("text", timesteps) already reduced, which a replacement does not add again."""
 
-    def __init__(self, config: Config, slot: int, incarnation: int = 0):
+    def __init__(self, config: Config, slot: int, incarnation: int = 0, released: tuple = ()):
         torch_threads_for(config.covariance.cpus_per_worker)
         self.config = config
         self.slot = slot
         self.incarnation = incarnation
+        self.released = tuple(released)
         self.batches_absorbed = 0
+        self.folds = 0
+        self.partials = Partials(self.state)
         self._error: NullBoothError | None = None
         try:
             self._setup()
@@ -54,8 +60,9 @@ class Collector:
         self.pipe = self.backend.load_pipeline(self.device)
         self.layers = find_protected_layers(self.pipe.unet, self.config.covariance.layers)
         self.timesteps = self.backend.timestep_plan(self.backend.make_scheduler(dict(self.pipe.scheduler.config)))
-        self.stats = KeyStatistics(self.pipe.unet, self.layers, self.timesteps,
-                                   self.config.covariance.product_dtype, self.device)
+        cov = self.config.covariance
+        self.stats = KeyStatistics(self.pipe.unet, self.layers, self.timesteps, cov.product_dtype, self.device,
+                                   cov.accumulate_on, self.released)
         tags = ("actor",)
         self._prompts_done = telemetry.counter("stats_prompts_done", "preserved prompts sampled", tags)
         self._rows = telemetry.counter("stats_rows", "key rows accumulated", ("actor", "side"))
@@ -98,8 +105,9 @@ class Collector:
             self.batches_absorbed += 1
             tags = {"actor": str(self.slot)}
             self._prompts_done.inc(len(prompts), tags=tags)
-            self._rows.inc(text_rows, tags={**tags, "side": "text"})
-            self._rows.inc(image_rows, tags={**tags, "side": "image"})
+            for side, rows in (("text", text_rows), ("image", image_rows)):
+                if rows:  # none for a key already reduced (a replacement redoing a lost actor's batches)
+                    self._rows.inc(rows, tags={**tags, "side": side})
             self._throughput.set(len(prompts) / max(seconds, 1e-9), tags=tags)
             self._maybe_fail()
         return {"batch": batch_id, "slot": self.slot, "prompts": len(prompts), "text_rows": text_rows,
@@ -112,8 +120,35 @@ class Collector:
             os._exit(1)
 
     def state(self, which: str | int) -> State:
-        """The sums so far: "text", or an int timestep of the plan."""
+        """The own sums so far: "text", or an int timestep of the plan."""
         return self.stats.text_state() if which == "text" else self.stats.image_state(which)
+
+    # -- the reduction (stats/reduce.py) -----------------------------------------------------------------------------
+    def partial(self, which: str | int) -> State:
+        return self.partials.partial(which)
+
+    def fold(self, which: str | int, peer: State) -> int:
+        rows = self.partials.fold(which, peer)
+        self.folds += 1
+        limit = self.config.covariance.fail_in_reduction
+        if limit is not None and self.slot == 0 and self.incarnation == 0 and self.folds >= limit:
+            os._exit(1)  # TEST AID: lost with a peer's sums in its buffer, before it could answer
+        return rows
+
+    def discard(self, which: str | int) -> None:
+        self.partials.discard(which)
+
+    def release(self, which: str | int) -> None:
+        """The driver has the total of `which`: drop its sums and buffer, and add nothing to it any more."""
+        self.partials.discard(which)
+        self.stats.release(which)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def nbytes(self) -> int:
+        """Bytes of the actor's own sums (the reduction buffer of the key being reduced not included)."""
+        return self.stats.nbytes()
 
     def ping(self) -> bool:
         return True

@@ -5,6 +5,12 @@ actor that finished gets the next batch, so a slow actor never holds up the othe
 batches every actor has absorbed. If an actor dies (node lost, out of memory), its sums die with it: all the batches
 it had absorbed or had queued are dealt again, and a replacement actor takes its slot. The final sums are read only
 from live actors, so every batch is counted exactly once.
+
+The reduction (`reduce`, one key at a time: "text", then every distinct timestep) runs among the live actors
+(stats/reduce.py), which never modify their own sums while doing it. An actor lost during a key's reduction is
+handled like one lost while sampling — replaced, its batches dealt again — after which the key's partial buffers are
+dropped and its reduction redone from the actors' own sums: exactly once again. A reduced key is released: the
+actors drop its sums, and replacements started later (`released`) add nothing to it.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from nullbooth import telemetry
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.stats.collector import Collector
+from nullbooth.stats.moments import State
+from nullbooth.stats.reduce import reduce_state
 
 logger = logging.getLogger(__name__)
 Batch = tuple[int, list[str]]  # (index of its first prompt in the preserved list, prompts)
@@ -39,6 +47,7 @@ class Slot:
     actor: Any
     absorbed: list[int] = field(default_factory=list)
     in_flight: dict[ray.ObjectRef, int] = field(default_factory=dict)
+    node: str | None = None  # the Ray node it runs on, asked for when the reduction first needs it
 
 
 class Dealer:
@@ -51,6 +60,7 @@ class Dealer:
         self.failures = 0
         self.done: set[int] = set()
         self.pending: deque[int] = deque(range(len(batches)))
+        self.released: list[str | int] = []  # keys reduced and released, in order
         self._remote = ray.remote(Collector)
         self.slots: list[Slot] = []
         self._failure_counter = telemetry.counter("stats_actor_failures", "collector actors lost and replaced")
@@ -64,7 +74,7 @@ class Dealer:
     def _start(self, index: int, incarnation: int) -> Slot:
         cov = self.config.covariance
         actor = self._remote.options(num_cpus=cov.cpus_per_worker, num_gpus=cov.gpus_per_worker, max_restarts=0,
-                                     name=None).remote(self.config, index, incarnation)
+                                     name=None).remote(self.config, index, incarnation, tuple(self.released))
         return Slot(index, incarnation, actor)
 
     def describe(self) -> dict[str, Any]:
@@ -130,10 +140,44 @@ class Dealer:
             on_lost(self.replace(slot, err))
         return bool(dead)
 
-    # -- results ---------------------------------------------------------------------------------------------------
-    def states(self, which: str | int) -> list[ray.ObjectRef]:
-        """ObjectRefs of every live actor's sums for "text" or a timestep (to be tree-reduced)."""
-        return [slot.actor.state.remote(which) for slot in self.slots]
+    # -- the reduction -------------------------------------------------------------------------------------------------
+    def reduce(self, which: str | int, on_batch: Callable[[dict], None] = lambda info: None,
+               on_lost: Callable[[int], None] = lambda prompts: None) -> State:
+        """The total of "text" or a timestep over every batch, exactly once, then released on the actors. An actor
+        lost during the reduction is replaced, its batches are dealt again, and the key is reduced anew."""
+        retry = False
+        while True:
+            try:
+                if retry:
+                    ray.get([slot.actor.discard.remote(which) for slot in self.slots])
+                    self.run(on_batch, on_lost)
+                total = reduce_state([slot.actor for slot in self._by_node()], which)
+                break
+            except (RayActorError, RayTaskError) as err:
+                if not self.recover(err, on_lost):
+                    raise
+                logger.warning("nullbooth: a collector actor was lost while reducing %r; its batches are redone "
+                               "and that reduction starts again", which)
+                retry = True
+        self._release(which)
+        return total
+
+    def _by_node(self) -> list[Slot]:
+        """The live slots grouped by node (in slot order within one), so the tree's first levels stay on a node."""
+        unknown = [slot for slot in self.slots if slot.node is None]
+        for slot, node in zip(unknown, ray.get([slot.actor.node_id.remote() for slot in unknown])):
+            slot.node = node
+        first_seen = {node: i for i, node in reversed(list(enumerate(slot.node for slot in self.slots)))}
+        return sorted(self.slots, key=lambda slot: (first_seen[slot.node], slot.index))
+
+    def _release(self, which: str | int) -> None:
+        """Every actor drops the sums of `which`; one found dead here is dealt with by the next key's reduction."""
+        self.released.append(which)
+        for ref in [slot.actor.release.remote(which) for slot in self.slots]:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                pass
 
     def shutdown(self) -> None:
         for slot in self.slots:

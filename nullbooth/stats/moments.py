@@ -18,18 +18,30 @@ whatever integer labels the calls happen to round to. A mean over distinct times
 of the keys of a repeated call, which the sampler really ran, because of a rounding artefact. For a plan without
 repeats (every c_t = 1) the rule is the plain mean over timesteps, computed with the same operations as before.
 
-The sums travel as a reduction state: `{"sums": {key: Σ xxᵀ (float64 numpy array)}, "rows": {key: n}}`, numpy so
-that Ray moves them through its object store without copies (stats/reduce.py adds them pairwise in a tree).
+Packed sums. Σ xxᵀ is symmetric, so every sum is kept as its upper triangle only: the d(d+1)/2 entries
+`S[i, j]`, i ≤ j, row by row (`triu_index`), a 1-D float64 array — in the actors, in the object store and through
+the reduction. A batch's product XᵀX is formed whole (one matmul, as fast as the layer's own), its triangle picked
+out in the product's dtype (`packed_gram`, one gather) and added into the float64 sum with on-the-fly promotion,
+so no float64 copy of the product is ever made and no Python loop runs over rows. The triangle's entries are added
+by the same float operations, in the same order, as they were in a full d×d sum, so where the matmul's product is
+exactly symmetric (the CPU's is: tests/test_stats_math.py checks it) the unpacked sum equals a full sum bit for bit;
+where a kernel's product is not (some GPU kernels), the packed sum keeps its upper triangle, which differs from
+the mirror by the product's own rounding. `unpack` makes the full matrix only where one is needed: the covariance
+files (whose format is unchanged) and eigh.
+
+The sums travel as a reduction state: `{"sums": {key: packed Σ xxᵀ (1-D float64 numpy array)}, "rows": {key: n}}`,
+numpy so that Ray moves them through its object store without copies (stats/reduce.py adds them in a tree).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-# A reduction state: the float64 sums Σ xxᵀ per key and the number of rows n per key.
+# A reduction state: the packed float64 sums Σ xxᵀ per key and the number of rows n per key.
 State = dict[str, dict]
 
 
@@ -54,24 +66,74 @@ def total_rows(counts: dict[int, dict[str, int]]) -> int:
     return sum(sum(rows.values()) for rows in counts.values())
 
 
-# -- XᵀX -------------------------------------------------------------------------------------------------------------
+# -- XᵀX, packed ------------------------------------------------------------------------------------------------------
+def packed_size(d: int) -> int:
+    """Entries of the upper triangle of a d×d matrix, diagonal included: d(d+1)/2."""
+    return d * (d + 1) // 2
+
+
+def packed_width(size: int) -> int:
+    """d of a packed triangle of `size` entries (the inverse of `packed_size`)."""
+    d = (math.isqrt(8 * size + 1) - 1) // 2
+    if packed_size(d) != size:
+        raise ValueError(f"{size} entries are not the upper triangle of a square matrix")
+    return d
+
+
+_TRIU: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def triu_index(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Flat (row-major) positions i·d + j of the upper triangle i ≤ j, row by row: the packed order. Cached per width
+    and device (int64, 6.6 MB for d = 1280)."""
+    device = torch.device(device)
+    key = (d, str(device))
+    if key not in _TRIU:
+        rows, cols = torch.triu_indices(d, d, device=device)
+        _TRIU[key] = rows * d + cols
+    return _TRIU[key]
+
+
 def gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
     """XᵀX = Σ x xᵀ over the rows of `x` (any leading shape, features last), formed in `product_dtype`, returned
-    float64."""
+    float64 and full (d×d): the reference the packed sums are checked against."""
     rows = _rows(x, product_dtype)
     return (rows.T @ rows).to(torch.float64)
 
 
-def add_gram(acc: torch.Tensor | None, x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
-    """acc + XᵀX, in place when `acc` exists: a float64 product goes straight into it (addmm_), a float32 one is
-    added with on-the-fly promotion (add_), so no float64 copy of the product is ever materialised — for wide
-    layers that see few rows (low resolution) that d×d pass, not the product, is the hook's main cost."""
-    if acc is None:
-        return gram(x, product_dtype)
+def packed_gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
+    """The upper triangle of XᵀX, packed, in `product_dtype` and on `x`'s device: one matmul and one gather."""
     rows = _rows(x, product_dtype)
-    if product_dtype == torch.float64:
-        return acc.addmm_(rows.T, rows)
-    return acc.add_(rows.T @ rows)
+    product = rows.T @ rows
+    return product.reshape(-1).index_select(0, triu_index(product.shape[0], product.device))
+
+
+def add_packed(acc: torch.Tensor | None, tri: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """acc + tri in place (float64 += product dtype, promoted on the fly); a new float64 zero sum on `device` (default:
+    tri's) when `acc` is None, so the first batch is added by the same operation as every later one."""
+    if acc is None:
+        acc = torch.zeros(tri.shape[0], dtype=torch.float64, device=tri.device if device is None else device)
+    return acc.add_(tri)
+
+
+def add_gram(acc: torch.Tensor | None, x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
+    """acc + XᵀX, packed (1-D float64, see `packed_gram`), in place when `acc` exists."""
+    return add_packed(acc, packed_gram(x, product_dtype))
+
+
+def pack(full: np.ndarray) -> np.ndarray:
+    """The packed upper triangle of a square matrix (the inverse of `unpack` for a symmetric one)."""
+    return full[np.triu_indices(full.shape[0])]
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """The full symmetric d×d matrix of a packed upper triangle (float64, a new array)."""
+    d = packed_width(packed.shape[0])
+    full = np.empty((d, d), dtype=np.float64)
+    upper = np.triu_indices(d)
+    full[upper] = packed
+    full[upper[1], upper[0]] = packed  # the mirror; the diagonal is written twice with the same value
+    return full
 
 
 # -- reduction states ------------------------------------------------------------------------------------------------
@@ -80,22 +142,45 @@ def empty_state() -> State:
     return {"sums": {}, "rows": {}}
 
 
-def add_states(a: State, b: State) -> State:
-    """The state of the rows of both: Σ_a + Σ_b and n_a + n_b per key; a key present in only one is carried over."""
+def add_states(a: State, b: State, out: dict[str, np.ndarray] | None = None) -> State:
+    """The state of the rows of both, in memory of its own: Σ_a + Σ_b and n_a + n_b per key; a key present in only
+    one is carried over (copied: the result owns its memory, never the object store's). Arrays of `out` (sums of a
+    state no longer needed) are written into where key and shape match, instead of new memory."""
     sums: dict[str, np.ndarray] = {}
+    out = out or {}
     for key in a["sums"].keys() | b["sums"].keys():
+        first = a["sums"].get(key, b["sums"].get(key))
+        spare = out.get(key)
+        into = spare if spare is not None and spare.shape == first.shape else None
         if key in a["sums"] and key in b["sums"]:
-            sums[key] = a["sums"][key] + b["sums"][key]
+            sums[key] = np.add(a["sums"][key], b["sums"][key], out=into)
+        elif into is not None:
+            sums[key] = into
+            np.copyto(into, first)
         else:
-            sums[key] = np.array(a["sums"].get(key, b["sums"].get(key)))  # own the memory, not the store's
+            sums[key] = np.array(first)
     rows = {key: a["rows"].get(key, 0) + b["rows"].get(key, 0) for key in a["rows"].keys() | b["rows"].keys()}
     return {"sums": dict(sorted(sums.items())), "rows": dict(sorted(rows.items()))}
 
 
+def add_state_into(acc: State, other: State) -> State:
+    """acc ← acc + other, in place: no array is allocated except for a key `acc` lacks (copied from `other`)."""
+    for key, s in other["sums"].items():
+        if key in acc["sums"]:
+            np.add(acc["sums"][key], s, out=acc["sums"][key])
+        else:
+            acc["sums"][key] = np.array(s)
+    for key, n in other["rows"].items():
+        acc["rows"][key] = acc["rows"].get(key, 0) + n
+    return acc
+
+
 # -- covariances -----------------------------------------------------------------------------------------------------
 def state_mean(state: State, key: str) -> np.ndarray:
-    """C = Σ xxᵀ / n of one key of a reduced state (e.g. "text", the one text-side covariance)."""
-    return state["sums"][key] / state["rows"][key]
+    """C = Σ xxᵀ / n of one key of a reduced state (e.g. "text", the one text-side covariance), unpacked: d×d."""
+    full = unpack(state["sums"][key])
+    full /= state["rows"][key]
+    return full
 
 
 def state_means(state: State) -> dict[str, np.ndarray]:
