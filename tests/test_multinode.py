@@ -110,7 +110,8 @@ def remove_held_node(cluster: Cluster, marker: Path) -> Future:
 
     def watch() -> None:
         try:
-            node_id = wait_until(lambda: marker.exists() and marker.read_text(), f"a worker to reach {marker.name}")
+            node_id = wait_until(lambda: marker.exists() and marker.read_text(), f"a worker to reach {marker.name}",
+                                 900)
             assert node_id != cluster.head_node.node_id  # the head (the driver's node) is never the one lost
             [node] = [n for n in cluster.worker_nodes if n.node_id == node_id]
             cluster.remove_node(node, allow_graceful=False)
