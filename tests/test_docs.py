@@ -28,6 +28,19 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command_after_pinning_t
     assert ci.index("pip install torch==2.13.0") < ci.index(test)
 
 
+def test_the_readme_test_command_leaves_no_test_out():
+    """The slow `cluster` tests are part of the one test command CI runs: nothing deselects them."""
+    _, test = quickstart_commands()
+    pytest_args = test.split("pytest", 1)[1]
+    assert not re.search(r"(^|\s)(-m|-k|--ignore|--deselect)\b", pytest_args), pytest_args
+    pyproject = ROOT.joinpath("pyproject.toml").read_text()
+    [addopts] = re.findall(r'^addopts = "(.*)"$', pyproject, flags=re.M)
+    assert not re.search(r"(^|\s)(-m|-k|--ignore|--deselect)\b", addopts)
+    assert re.search(r'^markers = \[\n\s+"cluster: ', pyproject, flags=re.M)  # registered, so a typo fails
+    marked = {p.name for p in ROOT.joinpath("tests").glob("test_*.py") if "pytest.mark.cluster" in p.read_text()}
+    assert {"test_multinode.py", "test_autoscaling.py", "test_stats_job.py"} <= marked
+
+
 def test_every_a10g_hours_figure_says_it_is_an_estimate():
     """No A10G has run the SD1.5 statistics for these docs: the A10G-hours figure is worked out from an assumed
     throughput (docs/operations.md, section 7), and every sentence that quotes it must say so."""

@@ -1,10 +1,11 @@
 """Dealing prompt batches to collector actors, dynamically and exactly once despite lost actors.
 
-Each actor has at most `covariance.batches_in_flight` batches queued; whenever one finishes (`ray.wait`), the
-actor that finished gets the next batch, so a slow actor never holds up the others. The driver remembers which
-batches every actor has absorbed. If an actor dies (node lost, out of memory), its sums die with it: all the batches
-it had absorbed or had queued are dealt again, and a replacement actor takes its slot. The final sums are read only
-from live actors, so every batch is counted exactly once.
+Each actor has at most `covariance.batches_in_flight` batches queued, dealt one per actor per round so that every
+actor starts with work; whenever one finishes (`ray.wait`), the actor that finished gets the next batch, so a slow
+actor never holds up the others. The driver remembers which batches every actor has absorbed. If an actor dies (node
+lost, out of memory), its sums die with it: all the batches it had absorbed or had queued are dealt again, and a
+replacement actor takes its slot. The final sums are read only from live actors, so every batch is counted exactly
+once.
 
 The reduction (`reduce`, one key at a time: "text", then every distinct timestep) runs among the live actors
 (stats/reduce.py), which never modify their own sums while doing it. An actor lost during a key's reduction is
@@ -93,11 +94,14 @@ class Dealer:
         """Deal until every batch is absorbed by a live actor. `on_lost(n)` reports prompts to be redone."""
         per_actor = self.config.covariance.batches_in_flight
         while len(self.done) < len(self.batches):
-            for slot in self.slots:
-                while self.pending and len(slot.in_flight) < per_actor:
-                    batch = self.pending.popleft()
-                    first, prompts = self.batches[batch]
-                    slot.in_flight[slot.actor.absorb.remote(batch, first, prompts)] = batch
+            # One batch per actor per round: with fewer batches than actors × batches_in_flight, every actor still
+            # gets one (filling the first actor's queue before the next would leave the others idle).
+            for depth in range(1, per_actor + 1):
+                for slot in self.slots:
+                    if self.pending and len(slot.in_flight) < depth:
+                        batch = self.pending.popleft()
+                        first, prompts = self.batches[batch]
+                        slot.in_flight[slot.actor.absorb.remote(batch, first, prompts)] = batch
             owners = {ref: slot for slot in self.slots for ref in slot.in_flight}
             [ref], _ = ray.wait(list(owners), num_returns=1)
             slot = owners[ref]
