@@ -253,7 +253,7 @@ def _gather(holders: list) -> dict:
     return total
 
 
-WAYS = {"tree": lambda holders: reduce_state(holders, "t"), "gather": _gather,
+WAYS = {"tree": lambda holders: reduce_state([holders], "t"), "gather": _gather,
         "before": lambda holders: ray.get(_previous_tree([h.partial.remote("t") for h in holders]))}
 
 
@@ -285,7 +285,7 @@ def reduction(n: int, widths: list[int], repeats: int, previous: bool = False) -
     for h in holders:
         ray.kill(h)
     out = {f"{way}_s": statistics.median(runs[way]) for way in ways}
-    return {**out, **{f"{way}_mb": memory[way] for way in ways}, "levels": tree_levels(n)}
+    return {**out, **{f"{way}_mb": memory[way] for way in ways}, "levels": tree_levels([n])[0]}
 
 
 # -- the rows --------------------------------------------------------------------------------------------------------
@@ -361,8 +361,8 @@ def _reduction_rows(quick: bool, load) -> list[dict]:
         row(f"stats: reduction wall time, actors' tree ÷ driver gather (N={n_max}, s)", r["tree_s"],
             r["tree_s"] / r["gather_s"], "≤ 1.0",
             f"s (tree); {n_max} actors on one node each holding one SD1.5-sized packed state ({state_mb:.0f} MB, "
-            f"{len(widths)} layers), {r['levels']} levels; medians of {repeats} alternating runs after one untimed "
-            f"round; tree {r['tree_s']:.2f} s, "
+            f"{len(widths)} layers), {r['levels']} levels of fan-in 4; medians of {repeats} alternating runs after "
+            f"one untimed round; tree {r['tree_s']:.2f} s, "
             f"gather {r['gather_s']:.2f} s; the previous design (pairwise remote add tasks) on the same states "
             f"{r['before_s']:.2f} s, driver {r['before_mb']:.0f} MB; {os.cpu_count()} CPUs; {load()}"),
         row(f"stats: reduction, driver peak memory in states (N={n_max})", r["tree_mb"] / state_mb,

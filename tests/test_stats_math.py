@@ -29,7 +29,13 @@ from nullbooth.stats.moments import (
     total_rows,
     unpack,
 )
-from nullbooth.stats.reduce import Partials, reduce_state, tree_levels, tree_reduce
+from nullbooth.stats.reduce import (
+    Partials,
+    levels_for,
+    reduce_state,
+    tree_levels,
+    tree_reduce,
+)
 from nullbooth.stats.spectrum import decompose, submit_groups
 
 
@@ -283,25 +289,33 @@ def loaded(pool: list, states: list[dict], dying: int | None = None) -> list:
     return pool[:len(states)]
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_tree_reduction_among_actors_equals_a_plain_sum(holders, n):
-    """N − 1 additions, each into an actor's own buffer, ⌈log2 N⌉ levels; the actors' own sums are left as they were
-    (a redone reduction starts from them); discarding the buffers makes a second reduction give the same total."""
+def test_tree_levels_are_fewer_within_a_node_and_pairs_across():
+    assert levels_for(1, 4) == 0 and levels_for(4, 4) == 1 and levels_for(5, 4) == 2 and levels_for(16, 4) == 2
+    assert levels_for(5, 2) == 3 == int(np.ceil(np.log2(5)))
+    assert tree_levels([16]) == (2, 0) and tree_levels([1] * 8) == (0, 3) and tree_levels([3, 2]) == (1, 1)
+
+
+@pytest.mark.parametrize("nodes", [[1], [2], [3], [5], [3, 2], [1, 1, 1]])
+def test_tree_reduction_among_actors_equals_a_plain_sum(holders, nodes):
+    """N − 1 additions, each into an actor's own buffer, whatever the grouping by node; the actors' own sums are
+    left as they were (a redone reduction starts from them), and after the buffers are discarded a second reduction
+    (into the reused buffers) gives the same total."""
+    n = sum(nodes)
     states = [random_state(seed) for seed in range(n)]
     actors = loaded(holders, states)
-    total = reduce_state(actors, "t")
+    groups = [actors[sum(nodes[:i]):sum(nodes[:i + 1])] for i in range(len(nodes))]
+    total = reduce_state(groups, "t")
     for key in ("a", "b"):
         np.testing.assert_allclose(total["sums"][key], sum(s["sums"][key] for s in states), rtol=1e-14, atol=0)
         assert total["rows"][key] == sum(s["rows"][key] for s in states)
     reports = ray.get([h.report.remote() for h in actors])
-    assert sum(folds for folds, _ in reports) == n - 1 and tree_levels(n) == int(np.ceil(np.log2(n)))
-    assert reports[0][0] == tree_levels(n)  # actor 0 adds once per level
+    assert sum(folds for folds, _ in reports) == n - 1
     for (_, own), state in zip(reports, states):
         assert own["rows"] == state["rows"]
         assert all(np.array_equal(own["sums"][k], state["sums"][k]) for k in own["sums"])
     ray.get([h.discard.remote("t") for h in actors])
-    again_ref, folds, levels = tree_reduce(actors, "t")
-    assert len(ray.get(folds)) == n - 1 and levels == tree_levels(n)
+    again_ref, folds, levels = tree_reduce(groups, "t")
+    assert len(ray.get(folds)) == n - 1 and levels == tree_levels(nodes)
     again = ray.get(again_ref)
     assert all(np.array_equal(again["sums"][k], total["sums"][k]) for k in ("a", "b"))
 
@@ -314,7 +328,7 @@ def test_an_actor_lost_during_the_reduction_gives_an_error_never_a_partial_total
     states = [random_state(seed) for seed in range(4)]
     actors = loaded(holders[:2] + [Holder.remote()] + holders[3:], states, dying=2)
     with pytest.raises(RayActorError):
-        reduce_state(actors, "t")
+        reduce_state([actors[:2], actors[2:]], "t")  # two "nodes": actor 2 adds actor 3, then actor 0 adds actor 2
     folds, own = ray.get(actors[3].report.remote())
     assert folds == 0 and np.array_equal(own["sums"]["a"], states[3]["sums"]["a"])  # still there for a redo
 

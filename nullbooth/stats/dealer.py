@@ -155,7 +155,7 @@ class Dealer:
                 if retry:
                     ray.get([slot.actor.discard.remote(which) for slot in self.slots])
                     self.run(on_batch, on_lost)
-                total = reduce_state([slot.actor for slot in self._by_node()], which)
+                total = reduce_state([[slot.actor for slot in group] for group in self._by_node()], which)
                 break
             except (RayActorError, RayTaskError) as err:
                 if not self.recover(err, on_lost):
@@ -166,13 +166,16 @@ class Dealer:
         self._release(which)
         return total
 
-    def _by_node(self) -> list[Slot]:
-        """The live slots grouped by node (in slot order within one), so the tree's first levels stay on a node."""
+    def _by_node(self) -> list[list[Slot]]:
+        """The live slots grouped by node (slot order within a node, nodes in order of their first slot): the
+        reduction adds within a node before it crosses the network."""
         unknown = [slot for slot in self.slots if slot.node is None]
         for slot, node in zip(unknown, ray.get([slot.actor.node_id.remote() for slot in unknown])):
             slot.node = node
-        first_seen = {node: i for i, node in reversed(list(enumerate(slot.node for slot in self.slots)))}
-        return sorted(self.slots, key=lambda slot: (first_seen[slot.node], slot.index))
+        groups: dict[str, list[Slot]] = {}
+        for slot in sorted(self.slots, key=lambda slot: slot.index):
+            groups.setdefault(slot.node, []).append(slot)
+        return list(groups.values())
 
     def _release(self, which: str | int) -> None:
         """Every actor drops the sums of `which`; one found dead here is dealt with by the next key's reduction."""

@@ -1,17 +1,23 @@
 """The tree reduction of the collector actors' sums, done by the actors themselves.
 
 A state is `{"sums": {key: packed float64 array}, "rows": {key: n}}` (stats/moments.py). For one key of the run
-("text", or a timestep) the N live actors reduce among themselves, level by level: at the level of stride s
-(1, 2, 4, ...) actor i, for every i that is a multiple of 2s, adds the partial sum of actor i + s into a buffer of
-its own (`Partials.fold`). The peer's partial goes through the object store: the peer copies it there once
-(`Partials.partial`), the adding actor reads it where it lies (numpy, zero-copy on its node) and adds it into its
-buffer in place. So the whole reduction copies N states into the store, as gathering them would, and allocates one
-state per adding actor (its buffer, made by its first addition and reused from key to key); no task starts, no
-pairwise sum is allocated and copied back. After ⌈log2 N⌉ levels actor 0's buffer holds the total, and the driver
-fetches that one state: its memory is one state whatever N. The driver orders the actors by node
-(stats/dealer.py), so the first levels add within a node and only ⌈log2 nodes⌉ levels cross the network. It
-submits every level at once: an actor runs one caller's calls in the order they were submitted, so a partial is
-read only after the additions of earlier levels.
+("text", or a timestep) the live actors reduce among themselves, level by level. An adding actor adds a peer's
+partial sum into a buffer of its own (`Partials.fold`); the peer's partial goes through the object store: the peer
+copies it there once (`Partials.partial`), the adding actor reads it where it lies (numpy, zero-copy on its node)
+and adds it in place. So the whole reduction copies N states into the store, as gathering them would, and
+allocates one state per adding actor (its buffer, made by its first addition and reused from key to key); no task
+starts, no pairwise sum is allocated and copied back. At the end the first actor's buffer holds the total, and the
+driver fetches that one state: its memory is one state whatever N.
+
+The shape of the tree (`tree_reduce`): the driver groups the actors by node (stats/dealer.py). Within a node the
+levels are fewer and larger — an adding actor takes FAN_IN − 1 peers per level, ⌈log4 n⌉ levels for n actors —
+because there a level costs a copy into the store and a wait on the level below, while additions are cheap (16
+actors with SD1.5-sized states on the shared 2-core machine of benchmarks/RESULTS.md, load average 11.6, medians of
+6 alternating runs: fan-in 4 0.92 s, pairs 1.01 s, all into one actor 1.06 s, gathering in the driver 1.10 s).
+Across nodes, where a
+peer's partial is a network transfer into the adding node, the node totals are added in pairs: ⌈log2 nodes⌉
+levels, each node receiving one state per level. The driver submits every level at once: an actor runs one
+caller's calls in the order they were submitted, so a partial is read only after the additions of earlier levels.
 
 Why a buffer, and not the actor's own sums: the own sums stay exactly as collected until the driver has the key's
 total and releases it (stats/hooks.py). That makes a loss during the reduction simple to survive with exactly-once
@@ -28,7 +34,6 @@ the reduction proceeds.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,29 +45,52 @@ from nullbooth.stats.moments import State, add_state_into, add_states
 Key = str | int  # "text" or a timestep
 
 
-def tree_levels(n: int) -> int:
-    """Levels of pairwise additions for n partial states: ⌈log2 n⌉."""
-    return math.ceil(math.log2(n)) if n > 1 else 0
+FAN_IN = 4  # peers per adding actor and level within a node (pairs across nodes)
 
 
-def tree_reduce(actors: Sequence[Any], which: Key) -> tuple[ObjectRef, list[ObjectRef], int]:
-    """Submit the whole tree over `actors` (handles with `partial` and `fold`): (ref of the total, refs of the
-    additions' acknowledgements, number of levels). The total is only complete once every addition succeeded."""
-    if not actors:
-        raise ValueError("tree_reduce needs at least one actor")
-    folds: list[ObjectRef] = []
+def levels_for(n: int, fan_in: int) -> int:
+    """Levels of a tree over n partial states where each adding actor takes fan_in − 1 peers: ⌈log_fan_in n⌉."""
+    levels, span = 0, 1
+    while span < n:
+        span *= fan_in
+        levels += 1
+    return levels
+
+
+def tree_levels(node_sizes: Sequence[int], fan_in: int = FAN_IN) -> tuple[int, int]:
+    """(levels within a node, the largest; levels across nodes) for nodes holding `node_sizes` actors."""
+    return max((levels_for(n, fan_in) for n in node_sizes), default=0), levels_for(len(node_sizes), 2)
+
+
+def _submit(actors: Sequence[Any], which: Key, fan_in: int, folds: list[ObjectRef]) -> None:
+    """Every level of a tree over `actors` whose first one ends with the total."""
     stride = 1
     while stride < len(actors):
-        for i in range(0, len(actors) - stride, 2 * stride):
-            folds.append(actors[i].fold.remote(which, actors[i + stride].partial.remote(which)))
-        stride *= 2
-    return actors[0].partial.remote(which), folds, tree_levels(len(actors))
+        for i in range(0, len(actors), fan_in * stride):
+            for j in range(i + stride, min(i + fan_in * stride, len(actors)), stride):
+                folds.append(actors[i].fold.remote(which, actors[j].partial.remote(which)))
+        stride *= fan_in
 
 
-def reduce_state(actors: Sequence[Any], which: Key) -> State:
-    """The total of `which` over `actors`, in the driver. Raises (RayActorError, RayTaskError) if any addition
-    failed — an actor lost half-way — rather than return a total that misses some sums."""
-    total, folds, _ = tree_reduce(actors, which)
+def tree_reduce(nodes: Sequence[Sequence[Any]], which: Key,
+                fan_in: int = FAN_IN) -> tuple[ObjectRef, list[ObjectRef], tuple[int, int]]:
+    """Submit the whole tree over actors grouped by node (handles with `partial` and `fold`): (ref of the total,
+    refs of the additions' acknowledgements, `tree_levels`). The total is complete only once every addition
+    succeeded."""
+    nodes = [list(group) for group in nodes if group]
+    if not nodes:
+        raise ValueError("tree_reduce needs at least one actor")
+    folds: list[ObjectRef] = []
+    for group in nodes:
+        _submit(group, which, fan_in, folds)
+    _submit([group[0] for group in nodes], which, 2, folds)
+    return nodes[0][0].partial.remote(which), folds, tree_levels([len(g) for g in nodes], fan_in)
+
+
+def reduce_state(nodes: Sequence[Sequence[Any]], which: Key) -> State:
+    """The total of `which` over the actors (grouped by node), in the driver. Raises (RayActorError, RayTaskError)
+    if any addition failed — an actor lost half-way — rather than return a total that misses some sums."""
+    total, folds, _ = tree_reduce(nodes, which)
     ray.get(folds)
     return ray.get(total)
 
