@@ -292,8 +292,8 @@ def reduction(n: int, widths: list[int], repeats: int, previous: bool = False) -
 def run(device: str = "cpu", quick: bool = False, skip_sd15: bool = False) -> list[dict]:
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 object_store_memory=(2 if quick else 8) * 1024 * MB)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", object_store_memory=(2 if quick else 8) * 1024 * MB)
     rows = []
     load = lambda: f"load average {os.getloadavg()[0]:.1f}"  # noqa: E731
     try:

@@ -49,8 +49,11 @@ def connect(ray_config: RayConfig) -> None:
         return
     secure_token_file()
     with loopback_only():
-        ray.init(num_cpus=ray_config.num_cpus, include_dashboard=None, dashboard_host=ray_config.dashboard_host,
-                 logging_level=logging.WARNING)
+        # address="local": a plain ray.init() would join whatever cluster `ray start` left running on this machine
+        # (it did, in a test: a half-torn-down cluster killed the run's actors); without an address we promise a
+        # Ray of our own.
+        ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=None,
+                 dashboard_host=ray_config.dashboard_host, logging_level=logging.WARNING)
 
 
 @contextlib.contextmanager
