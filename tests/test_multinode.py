@@ -50,11 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["preserve.max_prompts=10", "preserve.holdout=2", "sampling.num_inference_steps=2",
          "covariance.num_workers=2", "covariance.batch_size=2", "covariance.eigh_group_size=64",
          "covariance.product_dtype=float64", "covariance.dtype=float64",
-         "train.num_workers=2", "train.train_batch_size=1", "train.max_train_steps=6", "train.checkpoint_every=2",
-         "train.metrics_every=6", "train.max_failures=1", "train.learning_rate=1e-2"]
-PROMPTS = ["a photo of sks teapot", "a red circle", "a teapot on a table", "a blue square", "a green star",
-           "a photo of a teapot"]
-SEEDS = [11, 12, 13, 14, 15, 16]
+         "train.num_workers=2", "train.train_batch_size=1", "train.max_train_steps=4", "train.checkpoint_every=2",
+         "train.metrics_every=4", "train.max_failures=1", "train.learning_rate=1e-2"]
+PROMPTS = ["a photo of sks teapot", "a red circle", "a teapot on a table", "a blue square"]
+SEEDS = [11, 12, 13, 14]
 
 
 def make_config(run_dir: Path, *extra: str):
@@ -207,7 +206,7 @@ def clean_train(lost_stats):
 
 @pytest.fixture(scope="module")
 def lost_train(cluster, lost_stats, clean_train, tmp_path_factory):
-    """Worker 0 holds before step 5 (after the step-4 checkpoint); its node is removed while worker 1 waits in the
+    """Worker 0 holds before step 3 (after the step-2 checkpoint); its node is removed while worker 1 waits in the
     step's all-reduce."""
     folder = tmp_path_factory.mktemp("multinode-train")
     hold = holder(folder / "train.held")
@@ -218,7 +217,7 @@ def lost_train(cluster, lost_stats, clean_train, tmp_path_factory):
         real_step = loop._train_step
 
         def step(worker, experiment, progress):
-            if worker.rank == 0 and worker.step + 1 == 5:
+            if worker.rank == 0 and worker.step + 1 == 3:
                 hold()
             return real_step(worker, experiment, progress)
 
@@ -238,8 +237,8 @@ def lost_train(cluster, lost_stats, clean_train, tmp_path_factory):
 def test_a_lost_train_worker_node_resumes_and_ends_equal_to_the_uninterrupted_run(clean_train, lost_train):
     summary, lora, lost = lost_train
     assert lost["after"] == lost["before"] - {lost["node"]}
-    assert summary["resumed_from"] == [4] and summary["steps"] == 6
-    assert clean_train[0]["resumed_from"] == [] and clean_train[0]["steps"] == 6
+    assert summary["resumed_from"] == [2] and summary["steps"] == 4
+    assert clean_train[0]["resumed_from"] == [] and clean_train[0]["steps"] == 4
     assert summary["report"]["loss_history"] == clean_train[0]["report"]["loss_history"]
     assert lora.keys() == clean_train[1].keys() and lora
     for key, value in clean_train[1].items():
