@@ -1,6 +1,6 @@
 """Stage 1 end to end on a local Ray (2 CPUs, tiny models): the distributed sums against a single-process
-reference computed here with independent hooks, 1 vs 2 actors, an injected actor failure, reuse / refusal /
---force, the readers later stages use, a tampered manifest, and the LCM backend."""
+reference computed here with independent hooks, 1 vs 2 actors, an actor lost while sampling and one lost during
+the reduction, reuse / refusal / --force, the readers later stages use, a tampered manifest, and the LCM backend."""
 
 import json
 import shutil

@@ -429,7 +429,7 @@ def test_host_and_device_accumulation_give_identical_sums():
     """On a CPU actor `accumulate_on: host` goes through its own path (a worker thread adds each triangle); the sums
     must be bit for bit those of `device`."""
     device, host = run_toy("device"), run_toy("host")
-    assert host.accumulate_on == "host" and type(host.sums).__name__ == "HostAccumulation"
+    assert host.accumulate_on == "host" and type(host.accumulation).__name__ == "HostAccumulation"
     for which in ("text", 901, 1):
         a = device.text_state() if which == "text" else device.image_state(which)
         b = host.text_state() if which == "text" else host.image_state(which)
@@ -437,7 +437,7 @@ def test_host_and_device_accumulation_give_identical_sums():
         for key in a["sums"]:
             np.testing.assert_array_equal(a["sums"][key], b["sums"][key])
     assert device.nbytes() == host.nbytes() == 8 * (packed_size(4) + 4 * packed_size(3))
-    host.sums.close()
+    host.accumulation.close()
 
 
 def test_released_keys_are_dropped_and_not_added_again():

@@ -251,7 +251,7 @@ def _reduce(config: Config, dealer: Dealer, info: dict, writer: Writer, redeal: 
         timestep_sum: dict[str, np.ndarray] = {}
         for i, (t, n_calls) in enumerate(calls.items()):
             image_rows[str(t)] = _put_timestep(t, n_calls, dealer.reduce(t, **redeal), image_layers, out,
-                                                  timestep_sum)
+                                               timestep_sum)
             bar.update(1)
             done.set(i + 2)
         global_cov = timestep_mean(timestep_sum, len(plan))
@@ -273,7 +273,7 @@ def _put_text(text: State, out: _Outputs) -> int:
 
 
 def _put_timestep(t: int, n_calls: int, total: State, image_layers: list[str], out: _Outputs,
-                     timestep_sum: dict[str, np.ndarray]) -> dict[str, int]:
+                  timestep_sum: dict[str, np.ndarray]) -> dict[str, int]:
     """From the reduced sums of timestep t (all its `n_calls` UNet calls): write every C[layer, t], queue their
     bases, add them to `timestep_sum` weighted by `n_calls`; returns the image-side layers' row counts at t."""
     missing = [name for name in image_layers if name not in total["rows"]]

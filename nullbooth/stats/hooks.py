@@ -45,7 +45,7 @@ class KeyStatistics:
         self.product_dtype = PRODUCT_DTYPES[product_dtype]
         self.device = torch.device(device)
         self.accumulate_on = accumulate_on
-        self.sums = accumulation(accumulate_on, max_pending=max(len(self.image_layers), 1))
+        self.accumulation = accumulation(accumulate_on, max_pending=max(len(self.image_layers), 1))
         self.text_sums: dict[str, torch.Tensor] = {}
         self.text_rows = 0
         self.image_sums: dict[int, dict[str, torch.Tensor]] = {t: {} for t in self.timesteps}
@@ -61,7 +61,7 @@ class KeyStatistics:
         """Add every row of `embeddings` (prompts × tokens × width); returns the number of rows added."""
         if "text" in self.released:
             return 0
-        self.sums.add(self.text_sums, "text", packed_gram(embeddings.to(self.device), self.product_dtype))
+        self.accumulation.add(self.text_sums, "text", packed_gram(embeddings.to(self.device), self.product_dtype))
         rows = text_row_count(embeddings)
         self.text_rows += rows
         return rows
@@ -75,7 +75,7 @@ class KeyStatistics:
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(name)))
         try:
             yield
-            self.sums.wait()  # host accumulation: the batch is in the sums before absorb() reports it done
+            self.accumulation.wait()  # host accumulation: the batch is in the sums before absorb() reports it done
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -98,7 +98,7 @@ class KeyStatistics:
             if self._current in self.released:
                 return  # reduced already: this call only redoes a lost actor's batches for later timesteps
             x = args[0]
-            self.sums.add(self.image_sums[self._current], name, packed_gram(x, self.product_dtype))
+            self.accumulation.add(self.image_sums[self._current], name, packed_gram(x, self.product_dtype))
             rows = self.image_rows[self._current]
             rows[name] = rows.get(name, 0) + image_row_count(x)
 
@@ -106,18 +106,18 @@ class KeyStatistics:
 
     # -- export ----------------------------------------------------------------------------------------------------
     def text_state(self) -> State:
-        self.sums.wait()
+        self.accumulation.wait()
         sums = {key: s.cpu().numpy() for key, s in self.text_sums.items()}
         return {"sums": sums, "rows": {"text": self.text_rows} if self.text_rows else {}}
 
     def image_state(self, t: int) -> State:
-        self.sums.wait()
+        self.accumulation.wait()
         return {"sums": {name: s.cpu().numpy() for name, s in self.image_sums[t].items()},
                 "rows": dict(self.image_rows[t])}
 
     def release(self, which: str | int) -> None:
         """Drop the sums of "text" or a timestep, and add nothing to them from now on (the driver has their total)."""
-        self.sums.wait()
+        self.accumulation.wait()
         self.released.add(which)
         if which == "text":
             self.text_sums.clear()
@@ -128,6 +128,6 @@ class KeyStatistics:
 
     def nbytes(self) -> int:
         """Bytes held by the sums (all keys, wherever they live)."""
-        self.sums.wait()
+        self.accumulation.wait()
         tensors = [*self.text_sums.values(), *(s for sums in self.image_sums.values() for s in sums.values())]
         return sum(s.numel() * s.element_size() for s in tensors)

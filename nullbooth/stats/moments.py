@@ -80,18 +80,18 @@ def packed_width(size: int) -> int:
     return d
 
 
-_TRIU: dict[tuple[int, str], torch.Tensor] = {}
+_TRIU: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def triu_index(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Flat (row-major) positions i·d + j of the upper triangle i ≤ j, row by row: the packed order. Cached per width
-    and device (int64, 6.6 MB for d = 1280)."""
-    device = torch.device(device)
-    key = (d, str(device))
-    if key not in _TRIU:
-        rows, cols = torch.triu_indices(d, d, device=device)
-        _TRIU[key] = rows * d + cols
-    return _TRIU[key]
+    and device (int64, 6.6 MB for d = 1280); looked up on every hook call, so the lookup is one dict access."""
+    key = (d, device if isinstance(device, torch.device) else torch.device(device))
+    index = _TRIU.get(key)
+    if index is None:
+        rows, cols = torch.triu_indices(d, d, device=key[1])
+        index = _TRIU[key] = rows * d + cols
+    return index
 
 
 def gram(x: torch.Tensor, product_dtype: torch.dtype) -> torch.Tensor:
