@@ -42,11 +42,23 @@ def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> lis
     return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
+# The toy-world probe's weights file (models/toyworld/probe.py): a model folder that ships it is a toy-world model,
+# the embedded `toy` or one made by `nullbooth toy-model train OUT_DIR`.
+TOY_PROBE_FILE = "probe.safetensors"
+
+
+def is_toy_world(model_path: str) -> bool:
+    """Whether `model.path` names a toy-world model. Those get the world's own captions as the demo prompts, the
+    subject drawn in the world, and instance variants on the world's backgrounds: the embedded `toy`, and equally a
+    folder the recipe wrote."""
+    return model_path == "toy" or (Path(model_path).expanduser() / TOY_PROBE_FILE).is_file()
+
+
 def resolve_prompts_file(value: str, model_path: str = "tiny") -> Path:
-    """The prompts file a config names: "demo" is the shipped list for the model (the toy model's own captions for
-    `toy`, the general list otherwise), anything else a local path."""
+    """The prompts file a config names: "demo" is the shipped list for the model (the toy world's own captions for a
+    toy-world model, the general list otherwise), anything else a local path."""
     if value == "demo":
-        return TOY_PROMPTS_FILE if model_path == "toy" else DEMO_PROMPTS_FILE
+        return TOY_PROMPTS_FILE if is_toy_world(model_path) else DEMO_PROMPTS_FILE
     path = Path(value).expanduser()
     if not path.is_file():
         raise NullBoothError(f"prompts file {value!r}: no such file (use 'demo' for the shipped prompt list)")

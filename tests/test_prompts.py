@@ -116,3 +116,24 @@ def test_resolve_prompts_file(tmp_path: Path, messy_file: Path):
     assert resolve_prompts_file(str(messy_file)) == messy_file
     with pytest.raises(NullBoothError, match="missing.txt"):
         resolve_prompts_file(str(tmp_path / "missing.txt"))
+
+
+def test_a_toy_world_folder_gets_the_worlds_demo_like_the_embedded_toy(tmp_path: Path):
+    """A model made by `nullbooth toy-model train OUT_DIR` is a toy world too: it ships the probe, so "demo" means
+    the world's captions, and the instance variants are set on the world's backgrounds, as for `model.path: toy`.
+    (A run of a retrained folder once measured no concept accuracy: it sampled the general demo prompts.)"""
+    from nullbooth.models.toyworld import WEIGHTS_DIR
+    from nullbooth.models.toyworld.probe import PROBE_WEIGHTS
+    from nullbooth.prompts import TOY_PROMPTS_FILE, is_toy_world
+    from nullbooth.report.plan import instance_variants
+
+    assert PROBE_WEIGHTS == "probe.safetensors" and (WEIGHTS_DIR / PROBE_WEIGHTS).is_file()
+    own = tmp_path / "my-toy"
+    own.mkdir()
+    assert not is_toy_world(str(own)) and resolve_prompts_file("demo", str(own)) == DEMO_PROMPTS_FILE
+    (own / PROBE_WEIGHTS).write_bytes(b"")
+    assert is_toy_world("toy") and is_toy_world(str(own)) and is_toy_world(str(WEIGHTS_DIR))
+    assert not is_toy_world("tiny")
+    assert resolve_prompts_file("demo", str(own)) == resolve_prompts_file("demo", "toy") == TOY_PROMPTS_FILE
+    assert instance_variants("a photo of sks teapot", str(own)) == instance_variants("a photo of sks teapot", "toy")
+    assert "a photo of sks teapot on a sky background" in instance_variants("a photo of sks teapot", str(own))

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from nullbooth.errors import NullBoothError
 from nullbooth.models.cache import build_once, cache_dir
 from nullbooth.models.toyworld.world import draw_teapot
+from nullbooth.prompts import is_toy_world
 
 SUBJECT_FORMAT_VERSION = 1  # bump when the drawing changes: the cache lives in "subject-v<FORMAT>"
 
@@ -114,7 +115,7 @@ def draw_subject_images(out_dir: str | os.PathLike, n: int = 6, size: int = 64, 
 def ensure_subject_images(model_path: str = "tiny") -> Path:
     """The cached directory of demo subject images, drawn on first use. For the toy-world model the same teapot is
     drawn in its world (its backgrounds, its image size), so that the subject is the only new thing to learn."""
-    if model_path == "toy":
+    if is_toy_world(model_path):
         from nullbooth.models.toyworld.world import draw_subject_image as draw_in_world
 
         dest = cache_dir() / f"toy-subject-v{SUBJECT_FORMAT_VERSION}"

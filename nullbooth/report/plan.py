@@ -17,6 +17,7 @@ import numpy as np
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.prompts import is_toy_world
 from nullbooth.storage import RunDir
 
 SEED_STRIDE = 1000  # seed of image i of prompt j: generate.seed + SEED_STRIDE·j + i
@@ -56,7 +57,7 @@ def instance_variants(instance_prompt: str, model_path: str = "") -> list[str]:
     """The instance prompt and three recontextualisations of its subject (as in the DreamBooth paper); for the
     toy-world model, the subject on each of its world's backgrounds (a beach is no place it knows)."""
     prompt = instance_prompt.strip()
-    if model_path == "toy":
+    if is_toy_world(model_path):
         from nullbooth.models.toyworld.world import BACKGROUNDS
 
         return list(dict.fromkeys([prompt, *(f"{prompt} on {place}" for place in BACKGROUNDS.values())]))

@@ -25,8 +25,9 @@ from torch.nn import functional as F
 from nullbooth.errors import NullBoothError
 from nullbooth.models.toyworld import world
 from nullbooth.models.toyworld.provenance import code_version, write_json
+from nullbooth.prompts import TOY_PROBE_FILE
 
-PROBE_WEIGHTS = "probe.safetensors"
+PROBE_WEIGHTS = TOY_PROBE_FILE  # its presence marks a toy-world model folder (prompts.is_toy_world)
 PROBE_JSON = "probe.json"
 INPUT_SIZE = 64
 HEADS: dict[str, list[str]] = {
