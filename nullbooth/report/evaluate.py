@@ -160,5 +160,5 @@ def write_features(run: RunDir, features: dict[str, np.ndarray], plan: list[tupl
                          for s in seeds[half[p]:]],
             "subject": [{"prompt": p, "seed": s} for p, kind, seeds in plan if kind == "instance" for s in seeds],
             "text": [p for p, kind, _ in plan if kind == "instance"]}
-    tensors = {key: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) for key, value in features.items()}
+    tensors = {key: torch.from_numpy(np.array(value, dtype=np.float32)) for key, value in features.items()}  # copies
     run.write_tensors(EVAL_FEATURES, tensors, metadata={"rows": json.dumps(rows)})
