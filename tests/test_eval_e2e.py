@@ -154,3 +154,16 @@ def test_clip_and_dino_extractors_on_the_tiny_model(ray_local, tmp_path):
     assert ev["fidelity"]["clip"]["text_score"] == "CLIP-T"
     assert ev["fidelity"]["clip"]["finetuned"]["text"] == pytest.approx(clip_t, rel=1e-6)
     assert ev["drift"]["dino"]["pooled"]["finetuned"]["fd"] > 0
+
+
+def test_statistics_of_another_config_are_refused_before_sampling(tmp_path):
+    """The same checks as generate: statistics whose manifest disagrees with the config are refused, naming it."""
+    from run_fixtures import write_fake_statistics
+
+    from nullbooth.errors import NullBoothError
+
+    run_dir = tmp_path / "run"
+    write_fake_statistics(run_dir)
+    make_lora("tiny", run_dir / "lora", b_std=0.0)
+    with pytest.raises(NullBoothError, match=r"manifest.json: the statistics were made with another model or config"):
+        evaluate(load_config(None, [f"run_dir={run_dir}", "sampling.num_inference_steps=7"]))
