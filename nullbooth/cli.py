@@ -126,6 +126,13 @@ def _generate(config: Config, args: argparse.Namespace) -> None:
     print(format_summary(generate(config, prompt=args.prompt)))
 
 
+def _eval(config: Config, args: argparse.Namespace) -> None:
+    from nullbooth.report.eval_report import format_summary
+    from nullbooth.report.evaluate import evaluate
+
+    print(format_summary(evaluate(config)))
+
+
 def _run(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.pipeline import run_pipeline
 
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete train.name and train afresh if it holds a run of another configuration")
     p = command("generate", _generate, "stage 3: base vs fine-tuned samples and the report")
     p.add_argument("--prompt", default=None, help="generate just this prompt, quickly")
+    command("eval", _eval, "feature-space evaluation: drift of held-out prompts' image distributions (FD, MMD, "
+                           "precision/recall, density/coverage, 1-NNA) and subject fidelity, into report/eval.json")
     p = command("run", _run, "all stages in one go (default config: configs/toy.yaml)", config="optional")
     p.add_argument("--force", action="store_true",
                    help="rebuild statistics made with another config, and retrain a train.name made with another "

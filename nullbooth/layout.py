@@ -13,6 +13,7 @@
       lora-none/                        the same for the plain-LoRA baseline (train.plain_baseline)
       samples/{base,finetuned}/*.png    every generated image; samples/latents.safetensors their final latents
       report/report.json, report.md, grid.png, plots/*.png, compare/
+      report/eval.json, eval_features.safetensors   `nullbooth eval`: feature-space metrics and their features
 
 A Ray Train checkpoint folder holds CHECKPOINT_* files plus a copy of lora/ and report.json.
 Paths are relative to the run directory, with '/' separators (see nullbooth.storage.RunDir).
@@ -85,6 +86,8 @@ REPORT_JSON = f"{REPORT_DIR}/{REPORT_NAME}"
 REPORT_MD = f"{REPORT_DIR}/report.md"
 GRID = f"{REPORT_DIR}/grid.png"
 COMPARE_DIR = f"{REPORT_DIR}/compare"
+EVAL_JSON = f"{REPORT_DIR}/eval.json"  # nullbooth eval: feature-space drift and subject fidelity
+EVAL_FEATURES = f"{REPORT_DIR}/eval_features.safetensors"  # the features those numbers were computed from
 
 
 def sample_file(which: str, prompt_index: int, slug: str, seed: int) -> str:

@@ -12,6 +12,7 @@ from nullbooth.config.sections import (
                                        THRESHOLD_KINDS,
                                        Config,
                                        CovarianceConfig,
+                                       EvalConfig,
                                        GenerateConfig,
                                        ModelConfig,
                                        PreserveConfig,
@@ -23,6 +24,6 @@ from nullbooth.config.sections import (
 )
 
 __all__ = ["DEFAULT_PROTECTED_LAYERS", "EMBEDDED_MODEL_NAMES", "PROJECTION_MODES", "SCHEDULERS", "THRESHOLD_KINDS",
-           "THRESHOLD_RANGES", "Config", "CovarianceConfig", "GenerateConfig", "ModelConfig", "PreserveConfig",
+           "THRESHOLD_RANGES", "Config", "CovarianceConfig", "EvalConfig", "GenerateConfig", "ModelConfig", "PreserveConfig",
            "ProjectionConfig", "RayConfig", "SamplingConfig", "ThresholdConfig", "TrainConfig", "apply_override",
            "check_model_path", "config_to_yaml", "load_config", "reference_table", "validate", "with_absolute_paths"]

@@ -10,7 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nullbooth.config.sections import EMBEDDED_MODEL_NAMES, Config, ThresholdConfig
+from nullbooth.config.sections import (
+    EMBEDDED_MODEL_NAMES,
+    EXTRACTORS,
+    Config,
+    EvalConfig,
+    ThresholdConfig,
+)
 from nullbooth.errors import NullBoothError
 from nullbooth.layout import is_uri
 
@@ -44,6 +50,7 @@ def validate(config: Config) -> None:
                              "the baseline is for global or timestep mode")
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
+    _check_eval(config.eval)
     prompts_file = config.preserve.prompts_file
     if is_uri(prompts_file):  # read by the driver with plain open(): a URI would fail after Ray started
         raise NullBoothError(f"preserve.prompts_file: {prompts_file!r} is a URI; give a local file (or 'demo')")
@@ -86,6 +93,24 @@ def check_model_path(path: str) -> None:
     if not looks_like_hub_id:
         raise NullBoothError(f"model.path: {path!r} is neither a local folder, a hub id (org/name) nor one of "
                              f"{', '.join(repr(n) for n in EMBEDDED_MODEL_NAMES)}")
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    if ev.extractors is not None:
+        if not ev.extractors:
+            raise NullBoothError("eval.extractors: the list is empty; name at least one of "
+                                 f"{', '.join(EXTRACTORS)}, or leave it unset")
+        for name in ev.extractors:
+            if name not in EXTRACTORS:
+                raise NullBoothError(f"eval.extractors: expected names among {', '.join(EXTRACTORS)}; got {name!r}")
+        if len(set(ev.extractors)) != len(ev.extractors):
+            raise NullBoothError(f"eval.extractors: {ev.extractors} names an extractor twice")
+    if ev.k >= ev.images_per_prompt:
+        raise NullBoothError(f"eval.k: the k-NN radius needs k < eval.images_per_prompt ({ev.images_per_prompt}), "
+                             f"got {ev.k}")
+    for key in ("clip_model", "dino_model"):
+        if not getattr(ev, key).strip():
+            raise NullBoothError(f"eval.{key}: must not be empty")
 
 
 def _check_threshold(threshold: ThresholdConfig) -> None:

@@ -30,6 +30,10 @@ def with_absolute_paths(config: Config) -> Config:
         train=dataclasses.replace(config.train, storage_path=local(config.train.storage_path),
                                   instance_data_dir=local(config.train.instance_data_dir, ("demo",))),
         generate=dataclasses.replace(config.generate, baseline_run=local(config.generate.baseline_run)),
+        # a feature model is a hub id unless a local folder of that name exists here
+        eval=dataclasses.replace(config.eval, **{key: local(getattr(config.eval, key)) for key in
+                                                ("clip_model", "dino_model")
+                                                if Path(getattr(config.eval, key)).expanduser().exists()}),
     )
 
 

@@ -158,6 +158,28 @@ class GenerateConfig:
     baseline_run: str | None = _f(None, "another run_dir (e.g. projection.mode=none) to compare in the report")
 
 
+EXTRACTORS = ("probe", "clip", "dino")
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = _f(8, "held-out preserved prompts evaluated (the first N of the statistics' held-out list)", min=1)
+    images_per_prompt: int = _f(16, "images per prompt and model; base is sampled twice as many (two seed halves: "
+                                     "the second half is the no-change reference)", min=2, max=500)
+    subject_images: int = _f(4, "images per instance-prompt variant for subject fidelity", min=1, max=1000)
+    extractors: list[str] | None = _f(None, "feature extractors among probe, clip, dino (unset: probe for a model "
+                                            "that ships one, e.g. 'toy'; else clip and dino)")
+    clip_model: str = _f("openai/clip-vit-large-patch14", "CLIP model (hub id or local folder): CLIP-I, CLIP-T and "
+                                                          "the clip drift metrics")
+    dino_model: str = _f("facebook/dinov2-base", "DINO model (hub id or local folder, DINOv2 or DINO ViT, e.g. "
+                                                 "facebook/dino-vits16 as in the DreamBooth paper): CLS features")
+    k: int = _f(5, "nearest neighbours of precision, recall, density and coverage", min=1)
+    kernel: str = _f("cubic", "MMD kernel: cubic = (a·b/d + 1)^3 as in KID, linear = a·b", choices=("cubic", "linear"))
+    seed: int = _f(5678, "seed of image i of prompt j: seed + 1000·j + i", min=0)
+    num_workers: int = _f(1, "sampling actors (Ray Data actor pool)", min=1)
+    batch_size: int = _f(16, "prompts per sampling batch", min=1, max=4096)
+
+
 @dataclass
 class Config:
     run_dir: str = _f("runs/tiny", "output folder of the run (local path or s3://, gs://, file:// URI)")
@@ -168,6 +190,7 @@ class Config:
     projection: ProjectionConfig = _f(factory=ProjectionConfig, help="null-space projection")
     train: TrainConfig = _f(factory=TrainConfig, help="training stage")
     generate: GenerateConfig = _f(factory=GenerateConfig, help="generation and report stage")
+    eval: EvalConfig = _f(factory=EvalConfig, help="feature-space evaluation (nullbooth eval)")
     ray: RayConfig = _f(factory=RayConfig, help="Ray connection")
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 Both runs must have a report (`nullbooth generate`). Drift is compared on the held-out preserved prompts the two
 reports share with the same seeds, so the numbers are computed on exactly the same (prompt, seed) pairs.
 Output (default RUN_A/report/compare/): compare.md, compare.csv, compare.png; the table is printed too.
+When a run has a report/eval.json made with its current LoRA (`nullbooth eval`), the table adds its pooled
+feature-space drift and subject fidelity (compare.EVAL_COLUMNS).
 Two runs on different base models are still compared, with a one-line warning (printed, and on the page): the base
 model is told by its UNet fingerprint where both runs recorded one, else by backend and model path.
 """
@@ -23,6 +25,24 @@ COLUMNS = [("run", "run"), ("mode", "mode"), ("holdout_prompts", "held-out promp
            ("drift_latent_mse", "drift latent MSE"), ("drift_pixel_psnr_db", "drift pixel PSNR (dB)"),
            ("preservation_overall", "preservation error (overall)"), ("null_text", "null dims text k/d"),
            ("null_image", "null dims image Σk/Σd (global)")]
+
+
+# Shown when either run has a report/eval.json made with its current LoRA (`nullbooth eval`): the pooled drift of
+# the fine-tuned model from the base model in the first extractor's features, and that extractor's subject fidelity.
+EVAL_COLUMNS = [("eval_features", "eval features"), ("eval_fd", "FD"), ("eval_mmd2", "MMD²"),
+                ("eval_coverage", "coverage"), ("eval_1nna", "1-NNA"), ("eval_fidelity", "subject fidelity")]
+
+
+def eval_cells(evaluation: dict | None) -> dict[str, Any]:
+    """The EVAL_COLUMNS of one run (all None without an evaluation)."""
+    if evaluation is None:
+        return {key: None for key, _ in EVAL_COLUMNS}
+    name = next(iter(evaluation["drift"]))
+    pooled = evaluation["drift"][name]["pooled"]["finetuned"]
+    fidelity = evaluation["fidelity"][name]
+    return {"eval_features": name, "eval_fd": pooled["fd"], "eval_mmd2": pooled["mmd2"],
+            "eval_coverage": pooled["coverage"], "eval_1nna": pooled["one_nn_accuracy"],
+            "eval_fidelity": f"{fidelity['image_score']} {fidelity['finetuned']['image']:.4g}"}
 
 
 def _key(prompt: dict) -> tuple:
@@ -58,14 +78,15 @@ def _cell(row: dict, key: str) -> str:
 
 
 def format_table(rows: list[dict]) -> tuple[str, str]:
-    """(Markdown table, CSV text) of the comparison rows."""
-    md = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    """(Markdown table, CSV text) of the comparison rows (with the eval columns when a row has an evaluation)."""
+    columns = COLUMNS + (EVAL_COLUMNS if any(r.get("eval_features") for r in rows) else [])
+    md = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(_cell(r, k) for k, _ in columns) + " |" for r in rows]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run_dir"] + [k for k, _ in COLUMNS])
+    writer.writerow(["run_dir"] + [k for k, _ in columns])
     for r in rows:
-        writer.writerow([r["run_dir"]] + ["" if r[k] is None else r[k] for k, _ in COLUMNS])
+        writer.writerow([r["run_dir"]] + ["" if r[k] is None else r[k] for k, _ in columns])
     return "\n".join(md) + "\n", buffer.getvalue()
 
 
@@ -107,7 +128,10 @@ def compare_runs(run_a: str, run_b: str, out_dir: str | None = None) -> dict[str
     labels = [f"A: {names[0]}", f"B: {names[1]}"] if names[0] != names[1] else ["A", "B"]
     keys_b = {_key(p) for p in reports[1]["prompts"] if p["kind"] == "holdout"}
     common = [_key(p) for p in reports[0]["prompts"] if p["kind"] == "holdout" and _key(p) in keys_b]
-    rows = [_row(label, report, common) for label, report in zip(labels, reports)]
+    from nullbooth.report.eval_report import current_evaluation
+
+    rows = [{**_row(label, report, common), **eval_cells(current_evaluation(run))}
+            for label, report, run in zip(labels, reports, runs)]
     markdown, csv_text = format_table(rows)
     warning = model_warning([base_model(run, report) for run, report in zip(runs, reports)], labels)
 

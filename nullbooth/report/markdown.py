@@ -59,7 +59,8 @@ def _rel(path: str) -> str:
     return path[len("report/"):] if path.startswith("report/") else f"../{path}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
+    """The page; with `evaluation` (report/eval.json, `nullbooth eval`) it has a feature-space section too."""
     s, files = report["sampling"], report["files"]
     lines = [f"# NullBooth report: `{report['run_dir']}`", "",
              f"Model `{report['model']['path']}` ({report['model']['backend']}), sampler `{s['scheduler']}`, "
@@ -75,6 +76,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _drift(report)
     lines += _preservation(report)
     lines += _null_space(report)
+    if evaluation is not None:
+        lines += ["## Feature-space evaluation (`nullbooth eval`)", "", *evaluation_lines(evaluation), ""]
     lines += ["## Files", "",
               "- images: [`samples/base/`](../samples/base/), [`samples/finetuned/`](../samples/finetuned/)",
               f"- final latents (before VAE decode): [`{files['latents']}`]({_rel(files['latents'])})",
@@ -155,4 +158,37 @@ def _null_space(report: dict[str, Any]) -> list[str]:
     for name, caption in (("spectrum", "eigenvalue spectra with τ"), ("null_dims", "null-space dimension per layer "
                                                                                     "and timestep")):
         lines += _plot(files, name, caption)
+    return lines
+
+
+_EVAL_COLUMNS = (("fd", "FD"), ("mmd2", "MMD²"), ("precision", "precision"), ("recall", "recall"),
+                 ("density", "density"), ("coverage", "coverage"), ("one_nn_accuracy", "1-NNA"))
+_EVAL_ROWS = {"reference": "base, other seeds (no change)", "finetuned": "fine-tuned", "plain": "plain LoRA (none)"}
+
+
+def evaluation_lines(evaluation: dict[str, Any], plot: bool = True) -> list[str]:
+    """The evaluation's tables: pooled drift from the base model per extractor, then subject fidelity."""
+    s = evaluation["settings"]
+    held = evaluation["held_out_prompts"]
+    lines = [f"{len(held)} held-out prompts × {s['images_per_prompt']} images per model; subject fidelity on "
+             f"{len(evaluation['instance_prompts'])} instance-prompt variants × {s['subject_images']} images "
+             f"against {evaluation['instance_images']} instance images. Numbers: [eval.json](eval.json).", ""]
+    for name, drift in evaluation["drift"].items():
+        lines += [f"Drift from the base model, pooled over the prompts, `{name}` features "
+                  f"({s['extractors'][name]}, d = {drift['dim']}):", "",
+                  "| compared with base | " + " | ".join(t for _, t in _EVAL_COLUMNS) + " |",
+                  "|---|" + "---:|" * len(_EVAL_COLUMNS)]
+        for model, row in drift["pooled"].items():
+            lines.append(f"| {_EVAL_ROWS[model]} | " + " | ".join(number(row[k]) for k, _ in _EVAL_COLUMNS) + " |")
+        lines.append("")
+    models = [m for m in ("base", "finetuned", "plain") if m in next(iter(evaluation["fidelity"].values()))]
+    lines += ["Subject fidelity (mean cosine similarity):", "",
+              "| score | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for name, fid in evaluation["fidelity"].items():
+        lines.append(f"| {fid['image_score']} | " + " | ".join(number(fid[m]["image"]) for m in models) + " |")
+        if fid["text_score"]:
+            lines.append(f"| {fid['text_score']} | " + " | ".join(number(fid[m]["text"]) for m in models) + " |")
+    lines += ["", evaluation["definition"]]
+    if plot:
+        lines += ["", f"![feature-space drift per prompt]({_rel(evaluation['files']['plot'])})"]
     return lines

@@ -273,3 +273,38 @@ def compare_plot(preservation: dict[str, dict[str, float]], drift: dict[str, lis
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _figure_bytes(fig)
+
+
+_EVAL_PANELS = (("fd", "Fréchet distance"), ("mmd2", "MMD² (unbiased)"), ("coverage", "coverage"),
+                ("one_nn_accuracy", "1-NN accuracy"))
+_EVAL_STYLE = {"reference": ("0.55", "base, other seeds"), "finetuned": ("tab:blue", "fine-tuned"),
+               "plain": ("tab:red", "plain LoRA")}
+
+
+def eval_plot(evaluation: dict) -> bytes:
+    """One row per extractor, one panel per metric: each held-out prompt's value (dots) and the pooled value
+    (dashed line) for every set compared with the base model."""
+    plt = _pyplot()
+    drift = evaluation["drift"]
+    fig, axes = plt.subplots(len(drift), len(_EVAL_PANELS), figsize=(3.2 * len(_EVAL_PANELS), 2.6 * len(drift)),
+                             squeeze=False)
+    for row, (name, entry) in enumerate(drift.items()):
+        prompts = entry["per_prompt"]
+        xs = np.arange(1, len(prompts) + 1)
+        for col, (key, title) in enumerate(_EVAL_PANELS):
+            ax = axes[row][col]
+            for model, (colour, label) in _EVAL_STYLE.items():
+                if model not in entry["pooled"]:
+                    continue
+                ax.plot(xs, [p[model][key] for p in prompts], "o", color=colour, ms=4, label=label)
+                ax.axhline(entry["pooled"][model][key], color=colour, ls="--", lw=1)
+            if key == "one_nn_accuracy":
+                ax.axhline(0.5, color="k", lw=0.5, ls=":")
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_xlabel("held-out prompt", fontsize=8)
+            ax.set_xticks(xs)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Feature-space drift from the base model per held-out prompt (dots) and pooled (dashed)", fontsize=10)
+    fig.tight_layout()
+    return _figure_bytes(fig)

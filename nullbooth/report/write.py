@@ -177,9 +177,10 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
         run.write_bytes(rel, data)
         files["plots"][name] = rel
     check_report(report)
+    from nullbooth.report.eval_report import current_evaluation
     from nullbooth.report.markdown import render_markdown
 
-    run.write_bytes(REPORT_MD, render_markdown(report).encode())
+    run.write_bytes(REPORT_MD, render_markdown(report, current_evaluation(run)).encode())
     run.write_json(REPORT_JSON, report)  # last: its presence means the report is complete
     return {"grid": run.uri(files["grid"]), "report": run.uri(REPORT_JSON), "report_json": run.uri(REPORT_JSON),
             "report_md": run.uri(REPORT_MD),
