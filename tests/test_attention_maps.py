@@ -3,6 +3,7 @@ probabilities are softmax(q kᵀ·scale) of the layer's own (LoRA-wrapped) proje
 token positions come from the tokenizer, bad settings are refused before Ray, and the report gets the grids."""
 
 import copy
+import io
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ from nullbooth.report.attention import (
     resolve_positions,
     summarise,
 )
-from nullbooth.report.heatmaps import grid_size
+from nullbooth.report.heatmaps import attention_grid, grid_size
 
 BASE = ["sampling.num_inference_steps=2", "preserve.max_prompts=10", "preserve.holdout=2",
         "covariance.num_workers=1", "generate.num_workers=1", "generate.batch_size=8"]
@@ -198,6 +199,22 @@ def test_pipeline_recording_keeps_images_and_gives_normalised_maps(tmp_path):
     assert base != tuned  # the fine-tuned model's LoRA-wrapped to_q/to_k were the ones recorded
 
 
+def test_a_grid_has_one_row_per_model_and_one_column_per_word_and_resolution():
+    """A wide (non-square) image keeps its aspect; the size follows grid_size."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)
+
+    def word():
+        maps = {(2, 4): rng.random((2, 4)), (1, 2): rng.random((1, 2))}
+        return {"share": 0.1, "mean": {k: v / v.sum() for k, v in maps.items()}}
+
+    entry = {"prompt": "a photo of sks teapot", "seed": 1,
+             "models": {m: {"image": image, "words": {"sks": word(), "teapot": word()}} for m in ("base", "finetuned")}}
+    with Image.open(io.BytesIO(attention_grid(entry, {"base": "base", "finetuned": "global"}))) as out:
+        assert out.size == grid_size(2, 4, image.shape)
+        assert grid_size(2, 4, image.shape)[1] < grid_size(2, 4, (64, 64, 3))[1]
+
+
 @pytest.fixture(scope="module")
 def stats_dir(ray_local, tmp_path_factory):
     from nullbooth.stats.build import build_covariance
@@ -224,7 +241,7 @@ def test_generate_writes_the_attention_grids_and_links_them(stats_dir, tmp_path)
         assert Path(uri) == run_dir / entry["grid"]
         columns = len(entry["positions"]) * 2  # words × the tiny UNet's two attn2 resolutions
         with Image.open(uri) as image:
-            assert image.format == "PNG" and image.size == grid_size(2, columns)
+            assert image.format == "PNG" and image.size == grid_size(2, columns, (32, 32, 3))
         assert f"({entry['grid'].removeprefix('report/')})" in markdown
     from safetensors.torch import load_file
 
