@@ -135,7 +135,16 @@ def run_recording(config: Config, targets: list[AttentionTarget], loras: dict[st
 
     if config.model.device != "cpu" and ray.is_initialized() and cluster_has_gpu():
         return ray.get(ray.remote(record_maps).options(num_cpus=1, num_gpus=1).remote(config, targets, loras))
-    return record_maps(config, targets, loras)
+    import torch
+
+    # One thread, as each sampling actor has (one CPU): on a shared machine more threads only spin on each other
+    # (the toy model's maps took 3x the CPU time on two threads).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return record_maps(config, targets, loras)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- summary -------------------------------------------------------------------------------------------------------

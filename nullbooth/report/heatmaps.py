@@ -71,7 +71,7 @@ def attention_grid(entry: dict, labels: dict[str, str]) -> bytes:
     draw.text((xs[0], TITLE_H + 8), "image", fill="black", font=font)
     for x, (word, (h, w)) in zip(xs[1:], columns):
         draw.text((x, TITLE_H + 2), word, fill="black", font=font)
-        draw.text((x, TITLE_H + 17), f"{h}×{w}", fill="#555555", font=small)
+        draw.text((x, TITLE_H + 17), f"{h}x{w}", fill="#555555", font=small)
     for r, model in enumerate(models):
         y = TITLE_H + HEADER_H + r * (row_h + PAD)
         row = entry["models"][model]
