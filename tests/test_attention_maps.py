@@ -249,3 +249,19 @@ def test_generate_writes_the_attention_grids_and_links_them(stats_dir, tmp_path)
     assert "finetuned/00/sks/t0501/16x16" in maps or any(k.startswith("finetuned/00/sks/") for k in maps)
     for value in maps.values():
         assert value.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lcm_recording_without_guidance_keeps_images_and_the_whole_batch(tmp_path):
+    """LCM: no unconditional branch (guidance enters through timestep_cond), so every batch row is recorded."""
+    config = load_config(None, [f"run_dir={tmp_path}", "model.backend=lcm", "model.path=tiny-lcm",
+                                "sampling.scheduler=lcm", "sampling.num_inference_steps=2"])
+    backend = get_backend(config)
+    assert not backend.uses_guidance
+    pipe = backend.load_pipeline("cpu")
+    prompts, seeds = ["a photo of sks teapot", "a red circle", "a kite"], [1, 2, 3]
+    plain, _ = sample_batch(config, pipe, prompts, seeds)
+    with record_attention(pipe.unet, [4], cond_half=backend.uses_guidance) as record:
+        recorded, _ = sample_batch(config, pipe, prompts, seeds)
+    assert np.array_equal(plain, recorded)
+    assert {t for t, _ in record.maps} == set(backend.timestep_plan())
+    assert all(value.shape[0] == 3 and value.shape[-1] == 1 for value in record.maps.values())
