@@ -106,3 +106,13 @@ def plot_file(name: str) -> str:
 
 def validation_file(step: int) -> str:
     return f"{REPORT_DIR}/validation_step{step:04d}.png"
+
+
+ATTENTION_DIR = f"{REPORT_DIR}/attention"
+ATTENTION_JSON = f"{ATTENTION_DIR}/attention.json"  # tokens, positions, attention shares per model
+ATTENTION_MAPS = f"{ATTENTION_DIR}/maps.safetensors"  # every map per timestep and resolution
+
+
+def attention_grid_file(index: int, slug: str) -> str:
+    """The heat-map grid of attention prompt `index`."""
+    return f"{ATTENTION_DIR}/{index:02d}-{slug}.png"

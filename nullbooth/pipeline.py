@@ -59,6 +59,8 @@ def run_pipeline(config: Config, force: bool = False, announce: Callable[[str], 
     for label, key in (("grid", "grid"), ("report", "report_md"), ("report.json", "report")):
         if report.get(key):
             lines.append(f"  {label:12s} {report[key]}")
+    if report.get("attention"):
+        lines.append(f"  {'attention':12s} {report['attention'][0]} (and {len(report['attention']) - 1} more)")
     announce("\n".join(lines))
     return {"statistics": statistics, "training": training[0], "baseline_training": training[1:] or None,
             "generation": report, "timings": timings}

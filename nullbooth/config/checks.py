@@ -7,12 +7,14 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from nullbooth.config.sections import (
     EMBEDDED_MODEL_NAMES,
     EXTRACTORS,
+    AttentionMapsConfig,
     Config,
     EvalConfig,
     ThresholdConfig,
@@ -51,12 +53,48 @@ def validate(config: Config) -> None:
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
     _check_eval(config.eval)
+    check_attention_maps(config.generate.attention, config.train.instance_prompt)
     prompts_file = config.preserve.prompts_file
     if is_uri(prompts_file):  # read by the driver with plain open(): a URI would fail after Ray started
         raise NullBoothError(f"preserve.prompts_file: {prompts_file!r} is a URI; give a local file (or 'demo')")
     if prompts_file != "demo" and not Path(prompts_file).is_file():
         raise NullBoothError(f"preserve.prompts_file: file {prompts_file!r} does not exist")
     # train.instance_data_dir is checked by the training stage: the statistics don't need the subject's images.
+
+
+def has_word(prompt: str, word: str) -> bool:
+    """Whether `word` stands in `prompt` as a whole word (case-insensitive), as a tokenizer would split it."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(word.strip().lower())}(?![a-z0-9])", prompt.lower()) is not None
+
+
+def parse_attention_entry(entry: str, key: str = "generate.attention.prompts") -> tuple[str, list[str]]:
+    """'PROMPT | WORD, WORD' -> (prompt, [words]); a NullBoothError naming `key` when malformed or when a word is
+    not a word of the prompt."""
+    prompt, sep, words_text = entry.rpartition("|")
+    prompt, words = prompt.strip(), [w.strip() for w in words_text.split(",")]
+    if not sep or not prompt or not all(words):
+        raise NullBoothError(f"{key}: expected 'PROMPT | WORD, WORD' (the words whose attention to map), "
+                             f"got {entry!r}")
+    for word in words:
+        if not has_word(prompt, word):
+            raise NullBoothError(f"{key}: {word!r} is not a word of the prompt {prompt!r}")
+    return prompt, words
+
+
+def check_attention_maps(attention: AttentionMapsConfig, instance_prompt: str) -> None:
+    if not attention.enabled:
+        return
+    if attention.prompts is None:
+        if len(instance_prompt.split()) < 2:
+            raise NullBoothError(f"generate.attention: the instance prompt {instance_prompt!r} needs at least two "
+                                 "words (identifier and class word) to be mapped; set generate.attention.prompts "
+                                 "or generate.attention.enabled: false")
+        return
+    if not attention.prompts:
+        raise NullBoothError("generate.attention.prompts: the list is empty; leave it unset for the default prompts "
+                             "or set generate.attention.enabled: false")
+    for i, entry in enumerate(attention.prompts):
+        parse_attention_entry(entry, f"generate.attention.prompts[{i}]")
 
 
 # The threshold value's range per kind: outside it the null space is the whole input space (nothing protected) or

@@ -53,7 +53,7 @@ def reference_table() -> str:
                 walk(type(default), f"{prefix}{f.name}.")
                 continue
             meta = f.metadata
-            help_text = meta.get("help", "")
+            help_text = meta.get("help", "").replace("|", "\\|")  # a bare '|' would end the table cell
             if "choices" in meta:
                 help_text += f" ({' / '.join(map(str, meta['choices']))})"
             rows.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {help_text} |")

@@ -145,6 +145,15 @@ class TrainConfig:
 
 
 @dataclass
+class AttentionMapsConfig:
+    enabled: bool = _f(True, "record subject-token cross-attention maps while generating and draw them in the report")
+    prompts: list[str] | None = _f(None, "entries 'PROMPT | WORD, WORD': whose attention to map in which prompt (unset: "
+                                         "the instance prompt's identifier and class word, its last two words, and "
+                                         "the object word of the first `holdout_prompts` held-out prompts)")
+    holdout_prompts: int = _f(2, "held-out prompts mapped when `prompts` is unset", min=0, max=16)
+
+
+@dataclass
 class GenerateConfig:
     prompts: list[str] | None = _f(None, "prompts to sample (unset: instance-prompt variants + held-out prompts)")
     num_images_per_prompt: int = _f(1, "images per prompt (at most the seed stride, 1000)", min=1, max=1000)
@@ -156,6 +165,7 @@ class GenerateConfig:
     batch_size: int = _f(4, "prompts per generation batch", min=1, max=4096)
     lora_scale: float = _f(1.0, "LoRA scale at generation", min=0.0)
     baseline_run: str | None = _f(None, "another run_dir (e.g. projection.mode=none) to compare in the report")
+    attention: AttentionMapsConfig = _f(factory=AttentionMapsConfig, help="subject-token attention maps")
 
 
 EXTRACTORS = ("probe", "clip", "dino")

@@ -19,6 +19,7 @@ import numpy as np
 
 from nullbooth.config import Config
 from nullbooth.layout import (
+    ATTENTION_JSON,
     EVAL_FEATURES,
     EVAL_JSON,
     LORA_FILE,
@@ -137,7 +138,8 @@ def write_evaluation(config: Config, run: RunDir, evaluation: dict[str, Any]) ->
     run.write_json(EVAL_JSON, evaluation)
     page = None
     if run.exists(REPORT_JSON):
-        run.write_bytes(REPORT_MD, render_markdown(run.read_json(REPORT_JSON), evaluation).encode())
+        attention = run.read_json(ATTENTION_JSON) if run.exists(ATTENTION_JSON) else None  # keep its section
+        run.write_bytes(REPORT_MD, render_markdown(run.read_json(REPORT_JSON), evaluation, attention).encode())
         page = run.uri(REPORT_MD)
     return {"eval": run.uri(EVAL_JSON), "plot": run.uri(evaluation["files"]["plot"]), "report_md": page,
             "evaluation": evaluation}

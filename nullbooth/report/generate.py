@@ -7,6 +7,7 @@
               loaded by stock diffusers `load_lora_weights`; every batch is sampled with the LoRA switched off
               (base) and on (fine-tuned), so both see identical batches
     output    run_dir/samples/{base,finetuned}/NN-<prompt>-SEED.png, run_dir/samples/latents.safetensors,
+              the subject-token attention maps (report/attention.py) under run_dir/report/attention/,
               then the report (report/write.py) under run_dir/report/
 
 `generate(config, prompt="...")` samples one prompt in-process (no actor pool) and writes one side-by-side image.
@@ -31,6 +32,11 @@ from nullbooth.layout import (
     single_prompt_file,
 )
 from nullbooth.models.sampler import sample_images
+from nullbooth.report.attention import (
+    attention_targets,
+    map_attention,
+    resolve_positions,
+)
 from nullbooth.report.checks import (
     RunFacts,
     check_model,
@@ -69,12 +75,15 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     from nullbooth.report.write import read_baseline, write_report
 
     plan = plan_prompts(config, run)
+    targets = attention_targets(config, plan)
+    resolve_positions(config, targets)  # a word the tokenizer cuts off fails now, before Ray starts
     baseline = read_baseline(config)  # a wrong baseline_run fails now, not after sampling
     connect(config.ray)
     check_model(config, facts, inspect_model(config, facts.layers))  # ... and against the model itself
     samples = sample_pairs(config, lora_dir, plan, plain_dir)
     write_samples(run, samples)
-    summary = write_report(config, run, samples, baseline)
+    attention = map_attention(config, run, targets, lora_dir, plain_dir)
+    summary = write_report(config, run, samples, baseline, attention)
     summary["prompts"] = len(samples)
     return summary
 
@@ -87,6 +96,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 "pixel PSNR " + ("inf (identical)" if psnr is None else f"{psnr:.2f} dB"))
     lines = [f"nullbooth generate: {summary['prompts']} prompts, base and fine-tuned",
              f"  grid:   {summary['grid']}", f"  report: {summary['report']}", f"  page:   {summary['report_md']}"]
+    if summary.get("attention"):
+        lines.append(f"  attention maps: {len(summary['attention'])} grids, e.g. {summary['attention'][0]}")
     for title, key in (("concept accuracy, held-out", "concept_accuracy"), ("subject fidelity", "subject_fidelity")):
         shares = (summary.get("probe") or {}).get(key)
         if shares:

@@ -59,8 +59,10 @@ def _rel(path: str) -> str:
     return path[len("report/"):] if path.startswith("report/") else f"../{path}"
 
 
-def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
-    """The page; with `evaluation` (report/eval.json, `nullbooth eval`) it has a feature-space section too."""
+def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = None,
+                    attention: dict[str, Any] | None = None) -> str:
+    """The page; with `evaluation` (report/eval.json, `nullbooth eval`) it has a feature-space section too, with
+    `attention` (report/attention/attention.json) the subject-token attention grids."""
     s, files = report["sampling"], report["files"]
     lines = [f"# NullBooth report: `{report['run_dir']}`", "",
              f"Model `{report['model']['path']}` ({report['model']['backend']}), sampler `{s['scheduler']}`, "
@@ -73,6 +75,7 @@ def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = 
              + (" and the plain LoRA" if _has_plain(report) else "") + " with the same seed.", "",
              f"![base vs fine-tuned]({_rel(files['grid'])})", ""]
     lines += _comparison(report)
+    lines += _attention(attention)
     lines += _drift(report)
     lines += _preservation(report)
     lines += _null_space(report)
@@ -83,6 +86,27 @@ def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = 
               f"- final latents (before VAE decode): [`{files['latents']}`]({_rel(files['latents'])})",
               *[f"- plot `{name}`: [{path}]({_rel(path)})" for name, path in files["plots"].items()], ""]
     return "\n".join(lines)
+
+
+def _attention(section: dict[str, Any] | None) -> list[str]:
+    """The subject-token attention grids and each word's attention share per model (report/attention.py)."""
+    if not section:
+        return []
+    models = section["models"]
+    lines = ["## Subject-token attention", "", section["definition"], "",
+             "Rows: " + ", ".join(models.values()) + "; columns: the image, then each word at each attn2 resolution. "
+             "A column shares one colour scale (0 to its largest value). Every map per timestep: "
+             f"[`{section['maps']}`]({_rel(section['maps'])}).", "",
+             "| prompt | word (token positions) | " + " | ".join(f"share, {m}" for m in models.values()) + " |",
+             "|---|---|" + "---:|" * len(models)]
+    for p in section["prompts"]:
+        for word, positions in p["positions"].items():
+            lines.append(f"| {p['prompt']} | {word} ({', '.join(map(str, positions))}) | "
+                         + " | ".join(_percent(p["share"][m][word]) for m in models) + " |")
+    lines.append("")
+    for p in section["prompts"]:
+        lines += [f"![attention maps: {p['prompt']}]({_rel(p['grid'])})", ""]
+    return lines
 
 
 def _drift(report: dict[str, Any]) -> list[str]:

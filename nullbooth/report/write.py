@@ -140,10 +140,11 @@ def read_baseline(config: Config) -> dict | None:
 
 # -- the report ----------------------------------------------------------------------------------------------------
 def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
-                 baseline: dict | None = None) -> dict[str, Any]:
+                 baseline: dict | None = None, attention: dict | None = None) -> dict[str, Any]:
     """Write report.json, report.md, the grid and the plots; returns {"grid", "report", "report_md", "drift", ...}.
 
-    samples: one PromptSamples per prompt, its PNG files already written (report/generate.py).
+    samples: one PromptSamples per prompt, its PNG files already written (report/generate.py). attention: the
+    section report/attention.py wrote (its own attention.json), shown in report.md.
     """
     from nullbooth.stats.manifest import has_manifest, read_manifest
 
@@ -180,12 +181,13 @@ def write_report(config: Config, run: RunDir, samples: list[PromptSamples],
     from nullbooth.report.eval_report import current_evaluation
     from nullbooth.report.markdown import render_markdown
 
-    run.write_bytes(REPORT_MD, render_markdown(report, current_evaluation(run)).encode())
+    run.write_bytes(REPORT_MD, render_markdown(report, current_evaluation(run), attention).encode())
     run.write_json(REPORT_JSON, report)  # last: its presence means the report is complete
     return {"grid": run.uri(files["grid"]), "report": run.uri(REPORT_JSON), "report_json": run.uri(REPORT_JSON),
             "report_md": run.uri(REPORT_MD),
             "plots": {k: run.uri(v) for k, v in files["plots"].items()}, "drift": report["drift"]["holdout"],
-            "drift_instance": report["drift"]["instance"], "probe": report["probe"]}
+            "drift_instance": report["drift"]["instance"], "probe": report["probe"],
+            "attention": [run.uri(p["grid"]) for p in attention["prompts"]] if attention else None}
 
 
 GRID_HELD_OUT_ROWS = 12  # a page a person can read; every image is in samples/, every number in report.json
