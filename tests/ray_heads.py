@@ -72,12 +72,15 @@ def wait_until(condition, what: str, timeout_s: float = 300, every_s: float = 0.
 
 @contextlib.contextmanager
 def private_head(num_cpus: float = 2, extra_args: tuple[str, ...] = (), extra_env: dict | None = None,
-                 ports: dict[str, int] | None = None) -> Iterator[dict]:
+                 ports: dict[str, int] | None = None, temp: str | None = None) -> Iterator[dict]:
     """A Ray head of our own; on exit it is stopped, with every process it (or its autoscaler) started.
 
+    `temp`: its Ray temp dir (removed on exit), a fresh private one by default; `ray start` writes the head's address
+    there (`ray_current_cluster`), where a plain `ray.init()` using that temp dir would find and join it.
     Yields {"address": dashboard URL, "env": the environment clients need, "temp", "gcs_port", "ports", "token"}.
     """
-    temp = tempfile.mkdtemp(prefix="nbjob-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    temp = temp or tempfile.mkdtemp(prefix="nbjob-", dir="/tmp")  # short: socket paths must fit in 107 bytes
+    os.makedirs(temp, exist_ok=True)
     ports = ports or dict(zip(PORTS, free_ports(len(PORTS))))
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
