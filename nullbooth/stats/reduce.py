@@ -88,8 +88,9 @@ def tree_reduce(nodes: Sequence[Sequence[Any]], which: Key,
 
 
 def reduce_state(nodes: Sequence[Sequence[Any]], which: Key) -> State:
-    """The total of `which` over the actors (grouped by node), in the driver. Raises (RayActorError, RayTaskError)
-    if any addition failed — an actor lost half-way — rather than return a total that misses some sums."""
+    """The total of `which` over the actors (grouped by node), in the driver. Raises (RayActorError, RayTaskError,
+    ObjectLostError) if any addition failed or the total was lost — an actor or its node lost half-way — rather than
+    return a total that misses some sums."""
     total, folds, _ = tree_reduce(nodes, which)
     ray.get(folds)
     return ray.get(total)
