@@ -26,6 +26,8 @@ from ray_heads import head_nodes, private_head, wait_until
 from nullbooth.cluster import connect
 from nullbooth.config.sections import RayConfig
 
+pytestmark = pytest.mark.cluster  # it starts a `ray start --head` of its own, like the other cluster tests
+
 
 def head_jobs(head: dict) -> list[dict]:
     """Every job the head knows, drivers that merely connected included (type DRIVER)."""

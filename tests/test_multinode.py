@@ -12,8 +12,10 @@ training loop with one hold point added by this test (pickled by value into the 
 reach it writes its node id to a marker file and waits there; the test removes that node, and the replacement
 process, finding the marker taken, carries on. Nothing else in the product is changed.
 
-Not here: removing a node *during the tree reduction itself* (the partial sums on it lost) belongs to the
-reduction's redesign, issue 15, which owns that case.
+The statistics are also run with nodes removed during the tree reduction itself: the adding collector's node right
+after it added its peer's sums, then the node that holds the finished total before the driver reads it (there the
+driver's reduction is paused by wrapping the product's `reduce_state`). The run completes with the fault-free sums:
+a lost node is a lost actor, replaced, its batches redone, and that key reduced again (stats/reduce.py).
 """
 
 from __future__ import annotations

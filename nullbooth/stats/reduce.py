@@ -30,6 +30,12 @@ and are never touched again; nothing of the failed attempt reaches the driver, b
 addition to succeed before it takes the total (`reduce_state`). The price is one extra state per adding actor
 (1/T of its sums at T timesteps, in host memory); a released key frees its sums, so an actor's memory shrinks as
 the reduction proceeds.
+
+A whole node lost takes more than its actors: the partials and the total its object store held, possibly before
+anyone read them. Ray cannot rebuild the result of an actor call, so reading one raises ObjectLostError (an
+addition that needed it fails with a RayTaskError caused by it). Every such object was made by an actor of that
+node, now dead, so it is the same loss with the same retry; the driver never sees a total it could not read whole.
+tests/test_multinode.py removes nodes at both points of a cross-node tree.
 """
 
 from __future__ import annotations
