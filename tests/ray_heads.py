@@ -104,6 +104,12 @@ def private_head(num_cpus: float = 2, extra_args: tuple[str, ...] = (), extra_en
                 assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
                 assert time.time() < deadline, "the Ray head did not come up in 180 s"
                 time.sleep(1)
+        # The dashboard can answer before the head's raylet has registered; `ray start` records the head's address
+        # (`ray_current_cluster`) only once its node is up, or exits if it never comes up.
+        while not (Path(temp) / "ray_current_cluster").exists():
+            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head's node did not come up in 180 s"
+            time.sleep(0.5)
         yield {"address": address, "env": env, "temp": temp, "gcs_port": ports["port"], "ports": ports,
                "token": token}
     finally:
