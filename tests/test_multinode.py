@@ -71,17 +71,19 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="nbmn-", dir="/tmp")  # private, and short: socket paths must fit in 107 bytes
-    with loopback_nodes():
-        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                              "temp_dir": temp})
-        for _ in range(3):
-            nodes.add_node(num_cpus=1)
-        nodes.connect()
-    try:
+    nodes = None
+    try:  # a node that fails to start (Ray waits 30 s for a raylet) leaves no temp dir behind either
+        with loopback_nodes():
+            nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                  "temp_dir": temp})
+            for _ in range(3):
+                nodes.add_node(num_cpus=1)
+            nodes.connect()
         yield nodes
     finally:
         ray.shutdown()
-        nodes.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
 
