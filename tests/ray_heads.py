@@ -72,12 +72,15 @@ def wait_until(condition, what: str, timeout_s: float = 300, every_s: float = 0.
 
 @contextlib.contextmanager
 def private_head(num_cpus: float = 2, extra_args: tuple[str, ...] = (), extra_env: dict | None = None,
-                 ports: dict[str, int] | None = None) -> Iterator[dict]:
+                 ports: dict[str, int] | None = None, temp: str | None = None) -> Iterator[dict]:
     """A Ray head of our own; on exit it is stopped, with every process it (or its autoscaler) started.
 
+    `temp`: its Ray temp dir (removed on exit), a fresh private one by default; `ray start` writes the head's address
+    there (`ray_current_cluster`), where a plain `ray.init()` using that temp dir would find and join it.
     Yields {"address": dashboard URL, "env": the environment clients need, "temp", "gcs_port", "ports", "token"}.
     """
-    temp = tempfile.mkdtemp(prefix="nbjob-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    temp = temp or tempfile.mkdtemp(prefix="nbjob-", dir="/tmp")  # short: socket paths must fit in 107 bytes
+    os.makedirs(temp, exist_ok=True)
     ports = ports or dict(zip(PORTS, free_ports(len(PORTS))))
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -101,6 +104,12 @@ def private_head(num_cpus: float = 2, extra_args: tuple[str, ...] = (), extra_en
                 assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
                 assert time.time() < deadline, "the Ray head did not come up in 180 s"
                 time.sleep(1)
+        # The dashboard can answer before the head's raylet has registered; `ray start` records the head's address
+        # (`ray_current_cluster`) only once its node is up, or exits if it never comes up.
+        while not (Path(temp) / "ray_current_cluster").exists():
+            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head's node did not come up in 180 s"
+            time.sleep(0.5)
         yield {"address": address, "env": env, "temp": temp, "gcs_port": ports["port"], "ports": ports,
                "token": token}
     finally:

@@ -12,12 +12,15 @@ training loop with one hold point added by this test (pickled by value into the 
 reach it writes its node id to a marker file and waits there; the test removes that node, and the replacement
 process, finding the marker taken, carries on. Nothing else in the product is changed.
 
-Not here: removing a node *during the tree reduction itself* (the partial sums on it lost) belongs to the
-reduction's redesign, issue 15, which owns that case.
+The statistics are also run with nodes removed during the tree reduction itself: the adding collector's node right
+after it added its peer's sums, then the node that holds the finished total before the driver reads it (there the
+driver's reduction is paused by wrapping the product's `reduce_state`). The run completes with the fault-free sums:
+a lost node is a lost actor, replaced, its batches redone, and that key reduced again (stats/reduce.py).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import threading
@@ -29,6 +32,7 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from ray.exceptions import ObjectLostError
 from ray_heads import loopback_nodes, wait_until
 from safetensors.torch import load_file
 from stats_reference import raw_sums, reference, rel_err
@@ -42,6 +46,7 @@ from nullbooth.models.sampler import load_sampling_pipeline, sample_batch, sampl
 from nullbooth.nullspace import null_space
 from nullbooth.stats.build import build_covariance
 from nullbooth.stats.collector import Collector
+from nullbooth.stats.reduce import reduce_state, tree_reduce
 from nullbooth.train.run import train
 
 pytestmark = pytest.mark.cluster
@@ -66,17 +71,19 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="nbmn-", dir="/tmp")  # private, and short: socket paths must fit in 107 bytes
-    with loopback_nodes():
-        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                              "temp_dir": temp})
-        for _ in range(3):
-            nodes.add_node(num_cpus=1)
-        nodes.connect()
-    try:
+    nodes = None
+    try:  # a node that fails to start (Ray waits 30 s for a raylet) leaves no temp dir behind either
+        with loopback_nodes():
+            nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                  "temp_dir": temp})
+            for _ in range(3):
+                nodes.add_node(num_cpus=1)
+            nodes.connect()
         yield nodes
     finally:
         ray.shutdown()
-        nodes.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -161,12 +168,15 @@ def projector(basis: torch.Tensor) -> torch.Tensor:
     return basis.double() @ basis.double().T
 
 
-def test_a_lost_collector_node_gives_the_fault_free_sums_rows_and_bases(lost_stats):
-    run_dir, summary, lost = lost_stats
-    assert lost["node"] in lost["before"] and lost["after"] == lost["before"] - {lost["node"]}
-    assert summary["actor_failures"] == 1
-    config = make_config(run_dir)
-    ref = reference(config)  # fault-free, single process, no Ray
+@functools.cache
+def fault_free() -> dict:
+    """`reference` of the runs' config, computed once: it does not depend on run_dir, the only thing that differs."""
+    return reference(make_config(ROOT / "runs" / "unused"))
+
+
+def assert_fault_free_statistics(run_dir: Path) -> None:
+    """The run's sums, row counts and bases equal a fault-free single-process computation's (relative 1e-12)."""
+    ref = fault_free()  # fault-free, single process, no Ray
     manifest, sums = raw_sums(run_dir)
     assert manifest.text_rows == ref["text_rows"] == 8 * 32 * 2  # prompts × tokens × (cond + negative)
     assert rel_err(sums["text"], ref["text_sum"]) < 1e-12
@@ -190,6 +200,86 @@ def test_a_lost_collector_node_gives_the_fault_free_sums_rows_and_bases(lost_sta
             assert rel_err(stored[f"{prefix}eigenvalues"], eigenvalues) < 1e-12, (which, key)
             if basis.shape[1]:
                 assert rel_err(projector(stored[f"{prefix}basis"]), projector(basis)) < 1e-9, (which, key)
+
+
+def test_a_lost_collector_node_gives_the_fault_free_sums_rows_and_bases(lost_stats):
+    run_dir, summary, lost = lost_stats
+    assert lost["node"] in lost["before"] and lost["after"] == lost["before"] - {lost["node"]}
+    assert summary["actor_failures"] == 1
+    assert_fault_free_statistics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def lost_in_reduction(cluster, lost_stats, tmp_path_factory):
+    """Two nodes lost during the tree reduction of one statistics run (2 collectors on 2 of the 3 worker nodes, so
+    the tree crosses nodes: collector 0 adds collector 1's partial, read from collector 1's node).
+
+    1. First timestep: collector 0 holds right after adding collector 1's sums into its buffer, and its node is
+       removed: its own sums, the buffer with its peer's sums and its object-store copies go with it.
+    2. Second timestep: every addition has succeeded and the total lies in collector 0's (the replacement's) node's
+       object store only; the driver's reduction is paused there (the product's `reduce_state`, wrapped by this
+       test) while a node is added and that node removed, then reads the total: it is gone with the node.
+    The text side was reduced and released before either: the replacements must not add it again.
+    """
+    folder = tmp_path_factory.mktemp("multinode-reduction")
+    hold = holder(folder / "fold.held")
+    lost_reads: list[BaseException] = []
+    timesteps_seen: list[int] = []
+
+    class HeldInFold(Collector):
+        def fold(self, which, peer):
+            rows = super().fold(which, peer)
+            if self.slot == 0 and which != "text":
+                hold()  # the first one only: a replacement finds the marker taken
+            return rows
+
+    def losing_reduce(nodes, which):
+        if which == "text" or which in timesteps_seen:
+            return reduce_state(nodes, which)
+        timesteps_seen.append(which)
+        if len(timesteps_seen) != 2:
+            return reduce_state(nodes, which)
+        total, folds, _ = tree_reduce(nodes, which)
+        ray.get(folds)
+        ray.wait([total], fetch_local=False)  # computed, and in its node's object store only
+        node_id = ray.get(nodes[0][0].node_id.remote())
+        add_node_back(cluster)  # a node for the replacement, as an autoscaler would add
+        [node] = [n for n in cluster.worker_nodes if n.node_id == node_id]
+        cluster.remove_node(node, allow_graceful=False)
+        lost_nodes.append(node_id)
+        try:
+            return ray.get(total)
+        except BaseException as err:
+            lost_reads.append(err)
+            raise
+
+    lost_nodes: list[str] = []
+    before = alive_nodes()
+    removed = remove_held_node(cluster, folder / "fold.held")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dealer_module, "Collector", HeldInFold)
+        patch.setattr(dealer_module, "reduce_state", losing_reduce)
+        summary = build_covariance(make_config(folder / "run"))
+    lost = {"before": before, "after": alive_nodes(), "nodes": [removed.result(), *lost_nodes],
+            "reads": lost_reads, "timesteps": timesteps_seen}
+    add_node_back(cluster)
+    return folder / "run", summary, lost
+
+
+def test_nodes_lost_during_the_tree_reduction_give_the_fault_free_sums_rows_and_bases(lost_in_reduction):
+    """The decision (stats/reduce.py): a node lost during the reduction is survived, exactly once. The actors never
+    modify their own sums while reducing, and the driver takes a key's total only once every addition succeeded;
+    so when an actor, its buffer or an object-store copy is lost, the driver replaces the actor, redoes its batches
+    (for the keys not yet released) and reduces that key again from the live actors' own sums."""
+    run_dir, summary, lost = lost_in_reduction
+    first, second = lost["nodes"]
+    assert first != second and not {first, second} & lost["after"]
+    assert first in lost["before"] and len(lost["after"]) == len(lost["before"]) - 1  # one node added meanwhile
+    assert len(lost["timesteps"]) == 2
+    # The second loss was of the total itself, in the lost node's object store: reading it failed as lost.
+    assert len(lost["reads"]) == 1 and isinstance(lost["reads"][0], ObjectLostError), lost["reads"]
+    assert summary["actor_failures"] == 2
+    assert_fault_free_statistics(run_dir)
 
 
 # -- training --------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from nullbooth import telemetry
 from nullbooth.config import Config
@@ -148,7 +148,12 @@ class Dealer:
     def reduce(self, which: str | int, on_batch: Callable[[dict], None] = lambda info: None,
                on_lost: Callable[[int], None] = lambda prompts: None) -> State:
         """The total of "text" or a timestep over every batch, exactly once, then released on the actors. An actor
-        lost during the reduction is replaced, its batches are dealt again, and the key is reduced anew."""
+        lost during the reduction is replaced, its batches are dealt again, and the key is reduced anew.
+
+        With a whole node lost, a partial sum or the total may also be gone from that node's object store before
+        anyone read it: Ray cannot rebuild an actor call's result, so reading it raises ObjectLostError (or a
+        RayTaskError caused by it, for an addition that needed it). That is the same loss — an actor whose sums
+        are gone — and gets the same retry; an error with every actor still alive is a real one and is raised."""
         retry = False
         while True:
             try:
@@ -157,7 +162,7 @@ class Dealer:
                     self.run(on_batch, on_lost)
                 total = reduce_state([[slot.actor for slot in group] for group in self._by_node()], which)
                 break
-            except (RayActorError, RayTaskError) as err:
+            except (RayActorError, RayTaskError, ObjectLostError) as err:
                 if not self.recover(err, on_lost):
                     raise
                 logger.warning("nullbooth: a collector actor was lost while reducing %r; its batches are redone "

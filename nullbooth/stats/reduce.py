@@ -30,6 +30,12 @@ and are never touched again; nothing of the failed attempt reaches the driver, b
 addition to succeed before it takes the total (`reduce_state`). The price is one extra state per adding actor
 (1/T of its sums at T timesteps, in host memory); a released key frees its sums, so an actor's memory shrinks as
 the reduction proceeds.
+
+A whole node lost takes more than its actors: the partials and the total its object store held, possibly before
+anyone read them. Ray cannot rebuild the result of an actor call, so reading one raises ObjectLostError (an
+addition that needed it fails with a RayTaskError caused by it). Every such object was made by an actor of that
+node, now dead, so it is the same loss with the same retry; the driver never sees a total it could not read whole.
+tests/test_multinode.py removes nodes at both points of a cross-node tree.
 """
 
 from __future__ import annotations
@@ -88,8 +94,9 @@ def tree_reduce(nodes: Sequence[Sequence[Any]], which: Key,
 
 
 def reduce_state(nodes: Sequence[Sequence[Any]], which: Key) -> State:
-    """The total of `which` over the actors (grouped by node), in the driver. Raises (RayActorError, RayTaskError)
-    if any addition failed — an actor lost half-way — rather than return a total that misses some sums."""
+    """The total of `which` over the actors (grouped by node), in the driver. Raises (RayActorError, RayTaskError,
+    ObjectLostError) if any addition failed or the total was lost — an actor or its node lost half-way — rather than
+    return a total that misses some sums."""
     total, folds, _ = tree_reduce(nodes, which)
     ray.get(folds)
     return ray.get(total)
