@@ -158,7 +158,7 @@ class GenerateConfig:
     seed: int = _f(1234, "seed of image i of prompt j: seed + 1000·j + i", min=0)
     num_workers: int = _f(1, "generation actors (Ray Data actor pool)", min=1)
     batch_size: int = _f(4, "prompts per generation batch", min=1, max=4096)
-    lora_scale: float = _f(1.0, "LoRA scale at generation", min=0.0)
+    lora_scale: float = _f(1.0, "LoRA scale at generation (train.adapter full: the update's, W₀ + scale·ΔW)", min=0.0)
     baseline_run: str | None = _f(None, "another run_dir (e.g. projection.mode=none) to compare in the report")
 
 
