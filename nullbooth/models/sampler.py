@@ -178,6 +178,7 @@ class _SamplerActor:
         self.models = FinetunedModels(self.pipe)
         for name, extra_dir in extra_loras.items():
             self.models.add(name, extra_dir, lora_scale)
+        self.main = ADAPTER_NAME if lora_dir is not None else None  # None: the base model (e.g. class images)
         if lora_dir is not None:
             self.models.add(ADAPTER_NAME, lora_dir, lora_scale, select=True)
 
@@ -193,7 +194,7 @@ class _SamplerActor:
         for name in self.extra:  # the same batch again under each other model (e.g. the plain baseline)
             self.models.use(name)
             out[f"{name}_image"], out[f"{name}_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
-        self.models.use(ADAPTER_NAME)
+        self.models.use(self.main)
         out["image"], out["latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
         return out
 
