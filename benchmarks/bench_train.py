@@ -96,7 +96,8 @@ class Modes:
         elif mode == "timestep":
             collected = [801, 401, 1]
             w.buckets = TimestepBuckets(collected, w.num_train_timesteps)
-            w.projector = TimestepProjector(w.pairs, {t: self.bases for t in collected})
+            w.projector = TimestepProjector({n: p.down.weight for n, p in w.pairs.items()},
+                                          {t: self.bases for t in collected})
         # The optimizer must keep training the very same tensors whatever the mode.
         current = {id(p) for n, p in w.unet.named_parameters() if p.requires_grad}
         assert current == set(self.params), "toggling the projection replaced the trained parameters"

@@ -10,6 +10,9 @@
       train/<train.name>/               Ray Train's checkpoints (unless train.storage_path says otherwise)
       lora/pytorch_lora_weights.safetensors   the trained LoRA, diffusers format
       lora/report.json                  what training measured (losses, preservation error)
+      lora/unet/config.json, lora/unet/diffusion_pytorch_model.safetensors
+                                        train.adapter full: the whole fine-tuned UNet (merged weights, diffusers
+                                        format) in place of the LoRA file
       lora-none/                        the same for the plain-LoRA baseline (train.plain_baseline)
       samples/{base,finetuned}/*.png    every generated image; samples/latents.safetensors their final latents
       report/report.json, report.md, grid.png, plots/*.png, compare/
@@ -61,6 +64,9 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lo
 LORA_FILE = f"{LORA_DIR}/{LORA_WEIGHTS}"
 REPORT_NAME = "report.json"  # a training report, in lora/ and in every checkpoint
 TRAIN_REPORT = f"{LORA_DIR}/{REPORT_NAME}"
+UNET_DIR = "unet"  # train.adapter full: the merged UNet, a diffusers folder, inside lora/
+UNET_CONFIG = "config.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the names UNet2DConditionModel.from_pretrained looks for
 BASELINE_LORA_DIR = "lora-none"  # train.plain_baseline: the plain LoRA trained beside the projected one
 
 CHECKPOINT_STATE = "state.json"
@@ -68,6 +74,13 @@ CHECKPOINT_TRAINABLE = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
 CHECKPOINT_RNG = "rng.safetensors"
 FAIL_MARKER = ".nullbooth-injected-failure"  # test aid train.fail_at_step: fail once per experiment folder
+
+
+def trained_files(adapter: str) -> list[str]:
+    """The weight files of a trained adapter, relative to its folder (lora/): a LoRA file or a UNet folder."""
+    if adapter == "full":
+        return [f"{UNET_DIR}/{UNET_CONFIG}", f"{UNET_DIR}/{UNET_WEIGHTS}"]
+    return [LORA_WEIGHTS]
 
 
 def class_image_file(index: int) -> str:

@@ -50,6 +50,9 @@ def validate(config: Config) -> None:
     if config.train.plain_baseline and config.projection.mode == "none":
         raise NullBoothError("train.plain_baseline: the run itself trains a plain LoRA (projection.mode: none); "
                              "the baseline is for global or timestep mode")
+    if config.train.adapter == "full" and config.train.dropout > 0:
+        raise NullBoothError(f"train.dropout: {config.train.dropout} is LoRA dropout; train.adapter 'full' has no "
+                             "dropout (set it to 0)")
     if config.train.with_prior_preservation and not config.train.class_prompt:
         raise NullBoothError("train.class_prompt: required when train.with_prior_preservation is true")
     _check_eval(config.eval)

@@ -10,6 +10,7 @@ from typing import Any
 SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "lcm")
 THRESHOLD_KINDS = ("relative", "absolute", "energy", "percentile")
 PROJECTION_MODES = ("global", "timestep", "none")
+ADAPTERS = ("lora", "full")
 DEFAULT_PROTECTED_LAYERS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 EMBEDDED_MODEL_NAMES = ("tiny", "tiny-lcm", "toy")  # model.path names the package builds or ships (models/registry.py)
 
@@ -120,6 +121,9 @@ class TrainConfig:
     name: str = _f("nullbooth-lora", "Ray Train run name (re-run with the same name to resume)")
     plain_baseline: bool = _f(False, "also train a plain LoRA (projection.mode none) on the same data, into "
                                      "run_dir/lora-none, shown beside the projected one in the report")
+    adapter: str = _f("lora", "what is trained on the targets: 'lora' (a PEFT LoRA) or 'full' (the linears' weights "
+                              "themselves, updates projected as the LoRA's; wants a ~10-100x smaller learning_rate)",
+                      choices=ADAPTERS)
     rank: int = _f(4, "LoRA rank", min=1)
     alpha: float = _f(4.0, "LoRA alpha", min=0.0, min_exclusive=True)
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
@@ -163,7 +167,7 @@ class GenerateConfig:
     seed: int = _f(1234, "seed of image i of prompt j: seed + 1000·j + i", min=0)
     num_workers: int = _f(1, "generation actors (Ray Data actor pool)", min=1)
     batch_size: int = _f(4, "prompts per generation batch", min=1, max=4096)
-    lora_scale: float = _f(1.0, "LoRA scale at generation", min=0.0)
+    lora_scale: float = _f(1.0, "LoRA scale at generation (train.adapter full: the update's, W₀ + scale·ΔW)", min=0.0)
     baseline_run: str | None = _f(None, "another run_dir (e.g. projection.mode=none) to compare in the report")
     attention: AttentionMapsConfig = _f(factory=AttentionMapsConfig, help="subject-token attention maps")
 

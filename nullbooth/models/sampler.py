@@ -21,7 +21,7 @@ import torch
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
-from nullbooth.layout import LORA_WEIGHTS
+from nullbooth.layout import LORA_WEIGHTS, UNET_CONFIG, UNET_DIR, UNET_WEIGHTS
 from nullbooth.models.backends import get_backend, torch_threads_for
 from nullbooth.storage import RunDir
 
@@ -34,11 +34,65 @@ ADAPTER_NAME = "nullbooth"
 
 def load_sampling_pipeline(config: Config, device: torch.device | str = "cpu", lora_dir: str | None = None,
                            lora_scale: float = 1.0):
-    """The configured pipeline, with the diffusers-format LoRA of `lora_dir` applied at `lora_scale` when given."""
+    """The configured pipeline, with the fine-tuned model of `lora_dir` (a diffusers-format LoRA, or with
+    train.adapter full a merged UNet in its unet/) applied at `lora_scale` when given."""
     pipe = get_backend(config).load_pipeline(device)
     if lora_dir is not None:
-        apply_lora(pipe, lora_dir, lora_scale)
+        FinetunedModels(pipe).add(ADAPTER_NAME, lora_dir, lora_scale, select=True)
     return pipe
+
+
+def is_full_unet(lora_dir: str) -> bool:
+    """Whether a trained folder holds a merged UNet (train.adapter full) rather than a LoRA."""
+    return RunDir(lora_dir).exists(f"{UNET_DIR}/{UNET_WEIGHTS}")
+
+
+def load_full_unet(lora_dir: str, base: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
+    """The merged UNet of a full fine-tune (stock `UNet2DConditionModel.from_pretrained`), in the base UNet's dtype
+    and device; `scale` ≠ 1 moves every weight to W₀ + scale·(W − W₀), as a LoRA scale scales its update."""
+    from diffusers import UNet2DConditionModel
+
+    with _local_copy(RunDir(lora_dir), [f"{UNET_DIR}/{UNET_CONFIG}", f"{UNET_DIR}/{UNET_WEIGHTS}"]) as local:
+        unet = UNet2DConditionModel.from_pretrained(local, subfolder=UNET_DIR, torch_dtype=base.dtype)
+    unet = unet.to(base.device).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            reference = base.state_dict()
+            for name, param in unet.state_dict().items():
+                param.copy_(reference[name] + scale * (param - reference[name]))
+    return unet
+
+
+class FinetunedModels:
+    """A pipeline's base UNet and the fine-tuned models sampled beside it, by name: LoRAs (PEFT adapters on the
+    base UNet, loaded by stock `load_lora_weights`) and full fine-tunes (their own UNets, swapped in)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.base = pipe, pipe.unet
+        self.unets: dict[str, torch.nn.Module] = {}
+        self.loras: dict[str, float] = {}
+
+    def add(self, name: str, lora_dir: str, scale: float = 1.0, select: bool = False) -> None:
+        if is_full_unet(lora_dir):
+            self.unets[name] = load_full_unet(lora_dir, self.base, scale)
+        else:
+            apply_lora(self.pipe, lora_dir, scale, adapter_name=name)
+            self.loras[name] = scale
+        if select:
+            self.use(name)
+
+    def use(self, name: str | None) -> None:
+        """Sample with the model `name` from now on; None: the base model (LoRAs switched off, not unloaded)."""
+        if name in self.unets:
+            self.pipe.unet = self.unets[name]
+            return
+        self.pipe.unet = self.base
+        if name is None:
+            if self.loras:
+                self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        use_adapter(self.pipe, name, self.loras[name])
 
 
 def apply_lora(pipe, lora_dir: str, lora_scale: float = 1.0, adapter_name: str = ADAPTER_NAME) -> None:
@@ -60,21 +114,25 @@ def use_adapter(pipe, adapter_name: str, lora_scale: float = 1.0) -> None:
 
 
 class _local_copy:
-    """A local folder holding the LoRA file: the folder itself when local, a temporary copy for a cloud URI.
+    """A local folder holding the trained files (`files`, default the LoRA file): the folder itself when local, a
+    temporary copy for a cloud URI.
 
     Loading from a file (not from a state dict) keeps the adapter metadata (rank, alpha) diffusers saves with it.
     """
 
-    def __init__(self, run: RunDir):
+    def __init__(self, run: RunDir, files: list[str] | None = None):
         self.run = run
+        self.files = files or [LORA_WEIGHTS]
         self.temp: str | None = None
 
     def __enter__(self) -> str:
         if self.run.is_local:
             return self.run.local_path()
         self.temp = tempfile.mkdtemp(prefix="nullbooth-lora-")
-        with open(os.path.join(self.temp, LORA_WEIGHTS), "wb") as f:
-            f.write(self.run.read_bytes(LORA_WEIGHTS))
+        for rel in self.files:
+            os.makedirs(os.path.dirname(os.path.join(self.temp, rel)), exist_ok=True)
+            with open(os.path.join(self.temp, rel), "wb") as f:
+                f.write(self.run.read_bytes(rel))
         return self.temp
 
     def __exit__(self, *exc: Any) -> None:
@@ -117,10 +175,12 @@ class _SamplerActor:
         self.extra = list(extra_loras)
         device = get_backend(config).device(has_gpu=has_gpu)
         self.pipe = get_backend(config).load_pipeline(device)
+        self.models = FinetunedModels(self.pipe)
         for name, extra_dir in extra_loras.items():
-            apply_lora(self.pipe, extra_dir, lora_scale, adapter_name=name)
+            self.models.add(name, extra_dir, lora_scale)
+        self.main = ADAPTER_NAME if lora_dir is not None else None  # None: the base model (e.g. class images)
         if lora_dir is not None:
-            apply_lora(self.pipe, lora_dir, lora_scale)
+            self.models.add(ADAPTER_NAME, lora_dir, lora_scale, select=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -129,14 +189,12 @@ class _SamplerActor:
         if self.with_base:
             # The same prompts in the same batch with the adapter switched off (not unloaded): the base model runs
             # the unmodified linears on an identical batch, so a zero LoRA gives bit-identical samples.
-            self.pipe.disable_lora()
+            self.models.use(None)
             out["base_image"], out["base_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
-            self.pipe.enable_lora()
-        for name in self.extra:  # the same batch again under each other LoRA (e.g. the plain-LoRA baseline)
-            use_adapter(self.pipe, name, self.lora_scale)
+        for name in self.extra:  # the same batch again under each other model (e.g. the plain baseline)
+            self.models.use(name)
             out[f"{name}_image"], out[f"{name}_latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
-        if self.extra:
-            use_adapter(self.pipe, ADAPTER_NAME, self.lora_scale)
+        self.models.use(self.main)
         out["image"], out["latent"] = sample_batch(self.config, self.pipe, prompts, seeds)
         return out
 

@@ -15,6 +15,7 @@ refusal here is one NullBoothError line naming the file and what differs.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError, user_error
-from nullbooth.layout import LORA_WEIGHTS, MANIFEST, REPORT_NAME
+from nullbooth.layout import MANIFEST, REPORT_NAME, trained_files
 from nullbooth.stats.manifest import has_manifest, manifest_mismatches, read_manifest
 from nullbooth.storage import RunDir, sha256_hex, tensors_from_bytes
 
@@ -63,28 +64,50 @@ def check_run(config: Config, run: RunDir, lora_dirs: dict[str, str]) -> RunFact
 
 
 def _check_lora(config: Config, run: RunDir, lora_dir: str, mode: str, facts: RunFacts) -> None:
-    report_rel, weights_rel = f"{lora_dir}/{REPORT_NAME}", f"{lora_dir}/{LORA_WEIGHTS}"
+    report_rel = f"{lora_dir}/{REPORT_NAME}"
     report = run.read_json(report_rel) if run.exists(report_rel) else {}  # absent: a LoRA made elsewhere
     if not isinstance(report, dict):
         raise NullBoothError(f"{run.uri(report_rel)}: expected a JSON object")
     expected = (("backend", "model.backend", config.model.backend), ("model", "model.path", config.model.path),
-                ("mode", "projection.mode", mode))
+                ("mode", "projection.mode", mode), ("adapter", "train.adapter", config.train.adapter))
     diffs = [f"{key}: the LoRA has {report[name]!r}, config has {value!r}"
              for name, key, value in expected if name in report and report[name] != value]
     if diffs:
         raise NullBoothError(f"{run.uri(report_rel)}: the LoRA was trained with another model or config than this "
                              f"one; generate with the run's own config, or train again. Differences: {'; '.join(diffs)}")
-    data = run.read_bytes(weights_rel)
     files, signature = report.get("files"), report.get("signature")
-    recorded = files.get(LORA_WEIGHTS) if isinstance(files, dict) else None
-    if recorded is not None and sha256_hex(data) != recorded:
-        raise NullBoothError(f"{run.uri(weights_rel)}: its content does not match the sha256 recorded in "
-                             f"{run.uri(report_rel)} (the file changed after training published it); train again")
-    facts.loras[run.uri(weights_rel)] = lora_layers(tensors_from_bytes(data, run.uri(weights_rel)),
-                                                    run.uri(weights_rel))
+    for name in trained_files(config.train.adapter):
+        data = run.read_bytes(f"{lora_dir}/{name}")
+        recorded = files.get(name) if isinstance(files, dict) else None
+        if recorded is not None and sha256_hex(data) != recorded:
+            raise NullBoothError(f"{run.uri(f'{lora_dir}/{name}')}: its content does not match the sha256 recorded "
+                                 f"in {run.uri(report_rel)} (the file changed after training published it); train "
+                                 "again")
+    where = run.uri(f"{lora_dir}/{name}")
+    facts.loras[where] = (lora_layers(tensors_from_bytes(data, where), where) if config.train.adapter == "lora"
+                          else unet_layers(data, report.get("targets") or [], where))
     fingerprint = signature.get("fingerprint") if isinstance(signature, dict) else None
     if isinstance(fingerprint, str):
         facts.fingerprints.append((run.uri(report_rel), fingerprint))
+
+
+def unet_layers(data: bytes, targets: list[str], where: str) -> dict[str, tuple[int, int]]:
+    """Target layer -> (in_features, out_features) of a merged UNet's safetensors file (train.adapter full), read
+    from the file's header alone; a NullBoothError when the file is not safetensors or lacks a target's weight."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise NullBoothError(f"{where}: not a safetensors file (a fully fine-tuned UNet's weights are expected)")
+    out = {}
+    for name in targets:
+        entry = header.get(f"{name}.weight")
+        if not isinstance(entry, dict) or len(entry.get("shape", ())) != 2:
+            raise NullBoothError(f"{where}: has no 2-D weight for the trained layer {name!r}")
+        out[name] = (int(entry["shape"][1]), int(entry["shape"][0]))
+    return out
 
 
 def lora_layers(tensors: dict[str, torch.Tensor], where: str) -> dict[str, tuple[int, int]]:

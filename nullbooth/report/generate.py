@@ -4,8 +4,9 @@
     checks    report/checks.py: the statistics and the LoRA against this config (before Ray starts), then against
               the model (fingerprint, LoRA layer shapes) before any sampling
     sampling  one Ray Data actor pool (nullbooth.models.sampler), each actor holding one pipeline with the run's LoRA
-              loaded by stock diffusers `load_lora_weights`; every batch is sampled with the LoRA switched off
-              (base) and on (fine-tuned), so both see identical batches
+              loaded by stock diffusers `load_lora_weights` (train.adapter full: the merged UNet by stock
+              `UNet2DConditionModel.from_pretrained`, swapped in); every batch is sampled with the LoRA switched
+              off (base) and on (fine-tuned), so both see identical batches
     output    run_dir/samples/{base,finetuned}/NN-<prompt>-SEED.png, run_dir/samples/latents.safetensors,
               the subject-token attention maps (report/attention.py) under run_dir/report/attention/,
               then the report (report/write.py) under run_dir/report/
@@ -27,9 +28,9 @@ from nullbooth.layout import (
     BASELINE_LORA_DIR,
     LATENTS,
     LORA_DIR,
-    LORA_WEIGHTS,
     sample_file,
     single_prompt_file,
+    trained_files,
 )
 from nullbooth.models.sampler import sample_images
 from nullbooth.report.attention import (
@@ -49,12 +50,14 @@ from nullbooth.report.plots import image_grid
 from nullbooth.storage import RunDir, png_bytes
 
 
-def require_lora(run: RunDir, lora_dir: str = LORA_DIR) -> str:
-    """The run's LoRA folder; a NullBoothError when it holds no trained LoRA."""
-    rel = f"{lora_dir}/{LORA_WEIGHTS}"
-    if not run.exists(rel):
-        raise NullBoothError(f"{run.uri(rel)} does not exist: {run.uri()} has no trained LoRA "
-                             "(run `nullbooth train CONFIG` first)")
+def require_lora(run: RunDir, lora_dir: str = LORA_DIR, adapter: str = "lora") -> str:
+    """The run's trained folder; a NullBoothError when it holds no trained model of `adapter` (train.adapter: a
+    LoRA file, or for full the merged UNet, lora/unet/)."""
+    for rel in (f"{lora_dir}/{name}" for name in trained_files(adapter)):
+        if not run.exists(rel):
+            what = "LoRA" if adapter == "lora" else "fully fine-tuned UNet (train.adapter full)"
+            raise NullBoothError(f"{run.uri(rel)} does not exist: {run.uri()} has no trained {what} "
+                                 "(run `nullbooth train CONFIG` first)")
     return run.uri(lora_dir)
 
 
@@ -65,8 +68,9 @@ def generate(config: Config, prompt: str | None = None) -> dict[str, Any]:
     """
     config = with_absolute_paths(config)  # actors run elsewhere than the driver's cwd
     run = RunDir(config.run_dir)
-    lora_dir = require_lora(run)
-    plain_dir = require_lora(run, BASELINE_LORA_DIR) if config.train.plain_baseline else None
+    adapter = config.train.adapter
+    lora_dir = require_lora(run, LORA_DIR, adapter)
+    plain_dir = require_lora(run, BASELINE_LORA_DIR, adapter) if config.train.plain_baseline else None
     loras = {LORA_DIR: config.projection.mode, **({BASELINE_LORA_DIR: "none"} if plain_dir else {})}
     facts = check_run(config, run, loras)  # statistics and LoRA against the config, before Ray starts
     if prompt is not None:
@@ -151,7 +155,7 @@ def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str, facts:
     """One prompt, in this process: base first, then the same pipeline with the LoRA, side by side (the pipeline's
     UNet is checked against the run's `facts` first)."""
     from nullbooth.models.backends import get_backend
-    from nullbooth.models.sampler import apply_lora, sample_batch
+    from nullbooth.models.sampler import ADAPTER_NAME, FinetunedModels, sample_batch
     from nullbooth.report.drift import drift_metrics
 
     if not prompt.strip():
@@ -161,7 +165,7 @@ def generate_one(config: Config, run: RunDir, lora_dir: str, prompt: str, facts:
     check_model(config, facts, model_facts(pipe.unet, facts.layers))
     seeds = seeds_for(config, 0)
     base_images, base_latents = sample_batch(config, pipe, [prompt] * len(seeds), seeds)
-    apply_lora(pipe, lora_dir, config.generate.lora_scale)
+    FinetunedModels(pipe).add(ADAPTER_NAME, lora_dir, config.generate.lora_scale, select=True)
     tuned_images, tuned_latents = sample_batch(config, pipe, [prompt] * len(seeds), seeds)
     drift = drift_metrics(list(base_latents), list(tuned_latents), list(base_images), list(tuned_images))
     title = f"{prompt!r}, seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"{prompt!r}, seed {seeds[0]}"

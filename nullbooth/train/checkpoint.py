@@ -5,10 +5,12 @@ A checkpoint folder holds
     state.json                  step, samples seen, the training signature, LR scheduler state, optimizer
                                 hyper-parameters (param_groups) and the non-tensor parts of its per-parameter state,
                                 python/numpy RNG states of every rank
-    trainable.safetensors       the LoRA parameters as trained (global mode: the raw A before A·U·Uᵀ)
+    trainable.safetensors       the LoRA parameters as trained (global mode: the raw A before A·U·Uᵀ); with
+                                train.adapter full, each target's raw update ΔW (see full.py)
     optimizer.safetensors       the optimizer's per-parameter tensors ("<index>.<key>", e.g. "3.exp_avg")
     rng.safetensors             torch CPU (and CUDA) generator states, one per rank ("torch.<rank>")
-    lora/                       the diffusers-format LoRA of this step (what the run exports), see export.py
+    lora/                       the diffusers-format LoRA of this step (what the run exports), see export.py;
+                                train.adapter full: lora/unet/, the merged UNet (full.save_unet)
     report.json                 preservation errors and losses at this step
 
 state.json also holds the fp16 GradScaler's state (scale and growth tracker: without them an fp16 resume scales

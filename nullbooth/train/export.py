@@ -6,6 +6,9 @@ LoRA, converted with diffusers' `convert_state_dict_to_diffusers` and saved by t
 `save_lora_weights` with the adapter metadata (rank, alpha), so stock `pipe.load_lora_weights(run_dir + "/lora")`
 followed by `fuse_lora()` reproduces the trained UNet.
 
+With train.adapter full, the checkpoint's lora/ holds instead the merged UNet as a diffusers folder, `unet/`
+(full.save_unet), which `publish` copies the same way.
+
 Rank 0 writes this into every checkpoint; the driver copies the final checkpoint's files to `run_dir/lora/`
 (atomically, weights first, `report.json` last, with the weights' sha256 added).
 """
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.layout import LORA_DIR
+from nullbooth.layout import LORA_DIR, trained_files
 from nullbooth.layout import LORA_WEIGHTS as WEIGHTS
 from nullbooth.layout import REPORT_NAME as REPORT
 from nullbooth.storage import RunDir, sha256_hex
@@ -46,21 +49,27 @@ def save_lora(pipeline_class: type, directory: str | Path, pairs: dict[str, Lora
                                      safe_serialization=True, unet_lora_adapter_metadata=lora_config)
 
 
-def publish(run: RunDir, checkpoint_dir: str | Path, lora_dir: str = LORA_DIR) -> str:
-    """Copy a checkpoint's LoRA and report into `run_dir/<lora_dir>/` (default lora/); returns its location.
+def publish(run: RunDir, checkpoint_dir: str | Path, lora_dir: str = LORA_DIR, adapter: str = "lora") -> str:
+    """Copy a checkpoint's trained weights (the LoRA file, or with train.adapter full the merged UNet folder,
+    layout.trained_files) and report into `run_dir/<lora_dir>/` (default lora/); returns its location.
 
     The published report.json records the sha256 of the weights ("files"), which `generate` checks before it loads
     them."""
     source = Path(checkpoint_dir)
-    weights = (source / LORA_DIR / WEIGHTS).read_bytes()
+    files = {rel: (source / LORA_DIR / rel).read_bytes() for rel in trained_files(adapter)}
     try:
         report = json.loads((source / REPORT).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise NullBoothError(f"{source / REPORT} is not valid JSON ({err})") from None
     if not isinstance(report, dict):
         raise NullBoothError(f"{source / REPORT}: expected a JSON object")
-    run.write_bytes(f"{lora_dir}/{WEIGHTS}", weights)
-    run.write_json(f"{lora_dir}/{REPORT}", {**report, "files": {WEIGHTS: sha256_hex(weights)}})  # last: marks it done
+    for rel in trained_files("full" if adapter == "lora" else "lora"):  # what a run of the other adapter left
+        if run.exists(f"{lora_dir}/{rel}"):
+            run.delete(f"{lora_dir}/{rel}")
+    for rel, data in files.items():
+        run.write_bytes(f"{lora_dir}/{rel}", data)
+    digests = {rel: sha256_hex(data) for rel, data in files.items()}
+    run.write_json(f"{lora_dir}/{REPORT}", {**report, "files": digests})  # last: marks it done
     return run.uri(lora_dir)
 
 

@@ -39,6 +39,7 @@ from nullbooth.train.checkpoint import (
 )
 from nullbooth.train.distributed import data_parallel, gather, replica_max_abs_diff
 from nullbooth.train.export import save_lora
+from nullbooth.train.full import save_unet
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,13 @@ def _report(worker, metrics: dict[str, float], progress: _Progress | None) -> di
 
 
 def _write_checkpoint(directory: Path, worker, rng: list[dict], replica_diff: float) -> dict[str, Any]:
-    """Everything an exact resume needs, the diffusers-format LoRA and report.json; returns the report.
+    """Everything an exact resume needs, the diffusers-format LoRA (or merged UNet) and report.json; returns the
+    report.
     The training state goes last: its state.json records the digests of the other files."""
-    save_lora(type(worker.pipe), directory / LORA_DIR, worker.pairs, worker.lora_config)
+    if worker.full is not None:
+        save_unet(worker.unet, directory / LORA_DIR)  # train.adapter full: the merged UNet in lora/unet/
+    else:
+        save_lora(type(worker.pipe), directory / LORA_DIR, worker.pairs, worker.lora_config)
     report = worker.report(replica_diff)
     (directory / REPORT_NAME).write_text(json.dumps(report, indent=1))
     save_training_state(directory, step=worker.step, samples_seen=worker.samples_seen, signature=worker.signature,

@@ -169,27 +169,28 @@ class TimestepBuckets:
 
 
 class TimestepProjector:
-    """Projects the optimizer's update of each protected down-projection with the step's bucket basis."""
+    """Projects the optimizer's update of each protected parameter with the step's bucket basis: a LoRA's
+    down-projection `A` (r, d) or, with train.adapter full, a layer's `ΔW` (out, d); both act on the layer's input."""
 
-    def __init__(self, pairs: dict[str, LoraPair], bases_by_t: dict[int, dict[str, torch.Tensor]]):
-        self.pairs = pairs
+    def __init__(self, params: dict[str, torch.Tensor], bases_by_t: dict[int, dict[str, torch.Tensor]]):
+        self.params = params
         # float32 on the parameter's device; bases of text-side layers are shared objects across timesteps.
-        self.bases = {t: {name: bases[name].to(device=pairs[name].down.weight.device, dtype=torch.float32)
-                          for name in pairs} for t, bases in bases_by_t.items()}
+        self.bases = {t: {name: bases[name].to(device=params[name].device, dtype=torch.float32)
+                          for name in params} for t, bases in bases_by_t.items()}
         self.before: dict[str, torch.Tensor] = {}
 
     def snapshot(self) -> None:
-        """Remember every protected A before `optimizer.step()`."""
-        self.before = {name: pair.down.weight.detach().clone() for name, pair in self.pairs.items()}
+        """Remember every protected parameter before `optimizer.step()`."""
+        self.before = {name: param.detach().clone() for name, param in self.params.items()}
 
     @torch.no_grad()
     def project(self, bucket: int) -> None:
-        """A ← A_old + (A − A_old)·U_t·U_tᵀ for the bucket's collected timestep."""
+        """P ← P_old + (P − P_old)·U_t·U_tᵀ for the bucket's collected timestep."""
         if bucket not in self.bases:
             raise ValueError(f"no basis for collected timestep {bucket}")
-        for name, pair in self.pairs.items():
+        for name, param in self.params.items():
             old = self.before[name]
             basis = self.bases[bucket][name]
-            step = pair.down.weight - old
-            pair.down.weight.copy_(old + (step @ basis) @ basis.T)
+            step = param - old
+            param.copy_(old + (step @ basis) @ basis.T)
         self.before = {}

@@ -13,7 +13,8 @@
 4. `TorchTrainer` runs `loop.train_loop_per_worker` on `train.num_workers` workers with DDP; RunConfig's
    storage_path/name make a re-run resume from the latest checkpoint, FailureConfig lets Ray Train restart failed
    workers from it.
-5. The final checkpoint's diffusers-format LoRA and report.json are copied to `run_dir/lora/`.
+5. The final checkpoint's diffusers-format LoRA (train.adapter full: the merged UNet, `lora/unet/`) and report.json
+   are copied to `run_dir/lora/`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from nullbooth.formatting import number
 from nullbooth.layout import (
     BASELINE_LORA_DIR,
     LORA_DIR,
-    LORA_FILE,
     MANIFEST,
     REPORT_NAME,
     TRAIN_DIR,
     is_uri,
+    trained_files,
 )
 from nullbooth.models.backends import get_backend, model_fingerprint
 from nullbooth.stats.manifest import Manifest
@@ -109,12 +110,12 @@ def train(config: Config, lora_dir: str = LORA_DIR, force: bool = False) -> dict
     finished = _finished_checkpoint(config, experiment, signature, force)
     if finished is not None:
         log.info("%s already reached step %d: re-exporting its checkpoint", experiment, tc.max_train_steps)
-        return _summarize(run, finished, started, already_finished=True, lora_dir=lora_dir)
+        return _summarize(config, run, finished, started, already_finished=True, lora_dir=lora_dir)
 
     loop_config = {"config": config, "plan": plan, "signature": signature, "experiment": experiment,
                    "instance_images": ray.put(instance), "class_images": ray.put(klass) if klass is not None else None}
     result = _fit(config, loop_config)
-    return _summarize(run, result.checkpoint, started, already_finished=False, lora_dir=lora_dir)
+    return _summarize(config, run, result.checkpoint, started, already_finished=False, lora_dir=lora_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,13 +272,16 @@ def _finished_checkpoint(config: Config, experiment: str, signature: dict[str, A
 # Export and summary
 
 
-def _summarize(run: RunDir, checkpoint, started: float, already_finished: bool, lora_dir: str) -> dict[str, Any]:
+def _summarize(config: Config, run: RunDir, checkpoint, started: float, already_finished: bool,
+               lora_dir: str) -> dict[str, Any]:
     import json
 
     directory, cleanup = local_checkpoint_copy(checkpoint)
     try:
-        read_state(directory, required=(LORA_FILE, REPORT_NAME))  # what is published is what was trained
-        lora_dir = publish(run, directory, lora_dir)
+        adapter = config.train.adapter
+        # what is published is what was trained
+        read_state(directory, required=(*(f"{LORA_DIR}/{rel}" for rel in trained_files(adapter)), REPORT_NAME))
+        lora_dir = publish(run, directory, lora_dir, adapter)
         with open(os.path.join(directory, REPORT_NAME)) as f:
             report = json.load(f)
     finally:
@@ -295,7 +299,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = "already finished, re-exported" if summary["already_finished"] else "trained"
     error = summary["preservation_error"]
     evals = report["eval_loss"]
-    lines = [f"nullbooth train: {head} {summary['steps']} steps ({summary['mode']}) -> {summary['lora_dir']}",
+    adapter = "full" if report.get("adapter") == "full" else "LoRA"
+    lines = [f"nullbooth train: {head} {summary['steps']} steps ({adapter}, {summary['mode']}) -> "
+             f"{summary['lora_dir']}",
              f"  final loss {number(summary['final_loss'])}, eval loss {number(evals['initial'])} -> "
              f"{number(evals['final'])}, "
              f"preservation error {number(error)}"

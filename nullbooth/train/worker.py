@@ -36,6 +36,7 @@ from nullbooth.train.checkpoint import (
 )
 from nullbooth.train.data import StepDraw, _mix, draw_step, to_pixels
 from nullbooth.train.distributed import all_reduce_mean
+from nullbooth.train.full import FullAdapter, attach_full
 from nullbooth.train.inputs import CheckedRun, load_statistics, statistics_reads
 from nullbooth.train.preservation import PreservationMeter
 from nullbooth.train.projection import (
@@ -93,10 +94,15 @@ class Worker:
 
     def _setup_lora(self) -> None:
         """The PEFT LoRA on every target: the same initial weights on every rank and for any worker count
-        (DreamBooth's gaussian init, seeded by train.seed)."""
+        (DreamBooth's gaussian init, seeded by train.seed). train.adapter full: nothing yet (full.py's
+        parametrizations need the bases, `_setup_projection` attaches them)."""
         from peft import LoraConfig
 
         tc = self.tc
+        self.full: FullAdapter | None = None
+        if tc.adapter == "full":
+            self.lora_config, self.pairs, self.trainable = None, {}, {}
+            return
         torch.manual_seed(tc.seed)
         self.unet.add_adapter(LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout,
                                          init_lora_weights="gaussian", target_modules=list(self.plan.targets)))
@@ -110,19 +116,23 @@ class Worker:
         """The null-space constraint of the plan's mode on the protected pairs, and the preservation meter.
         Statistics are read through the driver's digests (inputs.CheckedRun) when the plan carries them."""
         plan = self.plan
-        protected = {name: self.pairs[name] for name in plan.protected}
+        protected = {name: self.pairs[name] for name in plan.protected if name in self.pairs}  # LoRA only
         self.buckets = self.projector = None
         run = CheckedRun(self.config.run_dir, plan.files) if plan.files else RunDir(self.config.run_dir)
         manifest = self._manifest(run) if plan.has_statistics else None
         loaded = {(kind, which): load_statistics(run, manifest, kind, which)
                   for kind, which in statistics_reads(plan, manifest, measure)} if manifest is not None else {}
-        if plan.mode == "global" and protected:
+        if self.tc.adapter == "full":  # W₀ + ΔW(·U·Uᵀ), see full.py
+            self.full, self.buckets, self.projector = attach_full(self.unet, plan, loaded, self.num_train_timesteps)
+            self.trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        elif plan.mode == "global" and protected:
             attach_global(protected, loaded[("bases", "global")])
             self.pairs = lora_pairs(self.unet, list(plan.targets))  # the parametrized modules
             self.trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
         elif plan.mode == "timestep" and protected:
             self.buckets = TimestepBuckets(plan.timesteps, self.num_train_timesteps)
-            self.projector = TimestepProjector(protected, {t: loaded[("bases", t)] for t in plan.timesteps})
+            self.projector = TimestepProjector({name: pair.down.weight for name, pair in protected.items()},
+                                               {t: loaded[("bases", t)] for t in plan.timesteps})
         self.meter = self._meter(manifest, loaded) if measure and manifest is not None and plan.protected else None
 
     def _setup_optimizer(self) -> None:
@@ -158,7 +168,8 @@ class Worker:
     def _meter(self, manifest: Manifest, loaded: dict) -> PreservationMeter:
         names = self.plan.protected
         modules = dict(self.unet.named_modules())
-        weights = {name: modules[name].base_layer.weight for name in names}
+        weights = {name: self.full.base_weight(name) if self.full is not None else modules[name].base_layer.weight
+                   for name in names}
         keep = lambda covs: {name: covs[name] for name in names}
         return PreservationMeter(weights, keep(loaded[("covariances", "global")]),
                                  {t: keep(loaded[("covariances", t)]) for t in manifest.timesteps})
@@ -305,6 +316,8 @@ class Worker:
     def preservation(self) -> dict | None:
         if self.meter is None:
             return None
+        if self.full is not None:
+            return self.meter.report(self.full.meter_deltas(self.plan.protected))
         return self.meter.report({name: effective_delta(self.pairs[name]) for name in self.plan.protected})
 
     def report(self, replica_max_abs_diff: float | None = None) -> dict[str, Any]:
@@ -312,7 +325,8 @@ class Worker:
         tc, plan = self.tc, self.plan
         return {"step": self.step, "max_train_steps": tc.max_train_steps, "mode": plan.mode,
                 "backend": self.config.model.backend, "model": self.config.model.path,
-                "rank": tc.rank, "alpha": tc.alpha, "targets": list(plan.targets), "protected": plan.protected,
+                "adapter": tc.adapter, "rank": tc.rank if tc.adapter == "lora" else None,
+                "alpha": tc.alpha if tc.adapter == "lora" else None, "targets": list(plan.targets), "protected": plan.protected,
                 "unprotected": plan.unprotected, "null_dims": plan.null_dims,
                 "num_workers": self.world, "global_batch_size": self.global_batch(),
                 "samples_seen": self.samples_seen, "loss_history": self.loss_history,
