@@ -291,6 +291,30 @@ def test_report_md_says_the_preservation_error_is_at_lora_scale_1_when_the_image
     assert section.index(note) < section.index(next(s for s in section[1:] if s.startswith("## ")))
 
 
+def test_report_names_the_adapter_and_reads_version_2_reports_as_lora(runs):
+    """report.json records train.adapter (format 3); a format-2 report, made when LoRA was the only adapter, reads
+    as "lora"; the page of a full fine-tune does not call it a LoRA."""
+    from nullbooth.report.markdown import render_markdown
+    from nullbooth.report.schema import FORMAT_VERSION, check_report
+
+    _, report, *_ = runs["global"]
+    assert report["format_version"] == FORMAT_VERSION == 3 and report["adapter"] == "lora"
+    old = copy.deepcopy(report)
+    old["format_version"] = 2
+    del old["adapter"]
+    check_report(old)
+    assert old["adapter"] == "lora" and old["format_version"] == 3
+    bad = copy.deepcopy(report)
+    bad["adapter"] = "dora"
+    with pytest.raises(NullBoothError, match="report.adapter"):
+        check_report(bad)
+    full = copy.deepcopy(report)
+    full["adapter"] = "full"
+    page = render_markdown(full)
+    assert "full fine-tune, update scale 1" in page and "LoRA scale" not in page
+    assert "LoRA, LoRA scale 1" in render_markdown(report)
+
+
 def test_grid_rows_with_fewer_images_start_under_their_groups_label():
     """An instance prompt with 3 images per model above a held-out prompt with 1: the held-out prompt's fine-tuned
     image sits where the instance prompt's fine-tuned images start, not next to its base image."""

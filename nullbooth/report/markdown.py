@@ -16,13 +16,24 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
+def _adapter_word(report: dict[str, Any]) -> str:
+    """What was trained (`train.adapter`): a LoRA, or the protected linears' weights themselves."""
+    return "LoRA" if report["adapter"] == "lora" else "full fine-tune"
+
+
+def _scale_word(report: dict[str, Any]) -> str:
+    """`generate.lora_scale` scales a LoRA's update, and a full fine-tune's update W - W0 alike."""
+    return "LoRA scale" if report["adapter"] == "lora" else "update scale"
+
+
 def _comparison(report: dict[str, Any]) -> list[str]:
     """Base, fine-tuned and plain LoRA side by side: what the probe reads, drift, preservation error."""
     probe, baseline, plain = report["probe"], report["baseline"], _has_plain(report)
     if probe is None and not plain:
         return []
     models = ["base", "finetuned"] + (["plain"] if plain else [])
-    titles = {"base": "base", "finetuned": f"fine-tuned ({report['projection_mode']})", "plain": "plain LoRA (none)"}
+    titles = {"base": "base", "finetuned": f"fine-tuned ({report['projection_mode']})",
+              "plain": f"plain {_adapter_word(report)} (none)"}
     lines = ["## Side by side", "", "| | " + " | ".join(titles[m] for m in models) + " |",
              "|---|" + "---:|" * len(models)]
     rows = [("concept accuracy, held-out prompts (object and colour right)", "concept_accuracy"),
@@ -37,7 +48,7 @@ def _comparison(report: dict[str, Any]) -> list[str]:
     lines.append("| held-out drift from base, latent MSE | 0 | "
                  + " | ".join(number(d["latent_mse"]) if d else "–" for d in drift[:len(models) - 1]) + " |")
     errors = [(report["preservation"] or {}).get("overall"), (baseline or {}).get("preservation_overall")]
-    at = "" if report["lora_scale"] == 1 else ", at LoRA scale 1"
+    at = "" if report["lora_scale"] == 1 else f", at {_scale_word(report)} 1"
     lines.append(f"| preservation error (overall{at}) | 0 | "
                  + " | ".join(number(e) for e in errors[:len(models) - 1]) + " |")
     if probe is not None:
@@ -67,12 +78,13 @@ def render_markdown(report: dict[str, Any], evaluation: dict[str, Any] | None = 
     lines = [f"# NullBooth report: `{report['run_dir']}`", "",
              f"Model `{report['model']['path']}` ({report['model']['backend']}), sampler `{s['scheduler']}`, "
              f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']:g}, {s['width']}×{s['height']} px; "
-             f"projection mode **{report['projection_mode']}**, LoRA scale {report['lora_scale']:g}; "
+             f"projection mode **{report['projection_mode']}**, {_adapter_word(report)}, "
+             f"{_scale_word(report)} {report['lora_scale']:g}; "
              f"seeds: {s['seed_rule']}. Numbers: [report.json](report.json). Created {report['created']}.", "",
              "## Samples", "",
              "Rows are prompts (orange bar: instance-prompt variants, pink: the class prompt, green: held-out "
              "preserved prompts), columns the base model and the fine-tuned model"
-             + (" and the plain LoRA" if _has_plain(report) else "") + " with the same seed.", "",
+             + (f" and the plain {_adapter_word(report)}" if _has_plain(report) else "") + " with the same seed.", "",
              f"![base vs fine-tuned]({_rel(files['grid'])})", ""]
     lines += _comparison(report)
     lines += _attention(attention)

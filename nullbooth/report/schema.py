@@ -9,7 +9,9 @@ from nullbooth.errors import NullBoothError
 from nullbooth.layout import REPORT_JSON
 from nullbooth.storage import RunDir
 
-FORMAT_VERSION = 2  # 2: class prompts, the plain-LoRA baseline's samples, the toy-world probe's scores
+FORMAT_VERSION = 3  # 2: class prompts, the plain-LoRA baseline's samples, the toy-world probe's scores; 3: adapter
+# Version 2 reports read as 3 with adapter "lora": that was the only adapter then.
+ADAPTERS_BEFORE_VERSION_3 = "lora"
 
 # -- the schema of report.json -----------------------------------------------------------------------------------
 # A spec is "int", "number", "nonneg" (number ≥ 0), "str", a dict {key: spec} (exactly these keys), or a tuple
@@ -26,6 +28,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "sampling": {"scheduler": "str", "num_inference_steps": "int", "guidance_scale": "number", "height": "int",
                  "width": "int", "seed_rule": "str"},
     "projection_mode": "str",
+    "adapter": ("enum", "lora", "full"),
     "lora_scale": "number",
     "prompts": ("list", {"prompt": "str", "kind": ("enum", "instance", "class", "holdout", "custom"),
                          "seeds": ("list", "int"), "base": ("list", "str"), "finetuned": ("list", "str"), **_DRIFT,
@@ -95,6 +98,8 @@ def _check(value: Any, spec: Any, path: str) -> None:
 
 def check_report(report: Any) -> None:
     """Raise NullBoothError naming the first field of `report` that does not follow REPORT_SCHEMA."""
+    if isinstance(report, dict) and report.get("format_version") == 2 and "adapter" not in report:
+        report.update(format_version=FORMAT_VERSION, adapter=ADAPTERS_BEFORE_VERSION_3)  # upgrade in memory
     _check(report, REPORT_SCHEMA, "report")
     if report["format_version"] != FORMAT_VERSION:
         raise NullBoothError(f"report.format_version: this NullBooth reads {FORMAT_VERSION}, "
