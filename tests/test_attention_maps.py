@@ -189,6 +189,11 @@ def test_pipeline_recording_keeps_images_and_gives_normalised_maps(tmp_path):
     summary = summarise(out, targets)
     word = summary[0]["models"]["finetuned"]["words"]["sks"]
     assert set(word["mean"]) == {(16, 16), (8, 8)}  # the tiny UNet's attn2 resolutions (16x16 latent; mid at 8x8)
+    assert all(m.shape == shape for shape, m in word["mean"].items())  # grids, not flattened positions
+    assert all(m.shape == shape for (_, shape), m in word["per_timestep"].items())
+    flat = out["models"]["finetuned"]["maps"][0]["sks"]  # row-major positions: row i of the grid is flat[i*w:(i+1)*w]
+    (t, n), raw = next((k, v) for k, v in flat.items() if k[1] == 64)
+    assert np.allclose(word["per_timestep"][(t, (8, 8))][3], raw[24:32] / raw.sum())
     for entry in summary:
         for row in entry["models"].values():
             for maps in row["words"].values():

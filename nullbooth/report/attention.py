@@ -167,7 +167,9 @@ def summarise(recorded: dict[str, Any], targets: list[AttentionTarget]) -> list[
         for model, entry in recorded["models"].items():
             words = {}
             for word, per_key in entry["maps"][j].items():
-                per_t = {(t, grid_shape(n, recorded["latent"])): raw / raw.sum() for (t, n), raw in per_key.items()}
+                # Image positions are flattened row-major (diffusers: (B, C, H, W) -> (B, H*W, C)): back to (h, w)
+                per_t = {(t, shape): raw.reshape(shape) / raw.sum()
+                         for (t, n), raw in per_key.items() for shape in [grid_shape(n, recorded["latent"])]}
                 shares = [float(raw.mean()) for raw in per_key.values()]
                 mean = {shape: np.mean([m for (_, s), m in per_t.items() if s == shape], axis=0)
                         for shape in dict.fromkeys(s for _, s in per_t)}
@@ -204,7 +206,7 @@ def write_attention(run, summary: list[dict[str, Any]], labels: dict[str, str]) 
             for word, maps in row["words"].items():
                 for (t, (h, w)), value in maps["per_timestep"].items():
                     tensors[f"{model}/{j:02d}/{word}/t{t:04d}/{h}x{w}"] = torch.from_numpy(
-                        np.ascontiguousarray(value.reshape(h, w), dtype=np.float32))
+                        np.ascontiguousarray(value, dtype=np.float32))
         prompts.append({"prompt": entry["prompt"], "kind": entry["kind"], "seed": entry["seed"],
                         "positions": entry["words"], "grid": rel,
                         "share": {m: {w: v["share"] for w, v in row["words"].items()}

@@ -40,6 +40,8 @@ def _resized(image: np.ndarray) -> Image.Image:
 
 def overlay(image: np.ndarray, heat: np.ndarray, scale: float) -> Image.Image:
     """`heat` (h, w), divided by `scale`, upsampled (bilinear) to the cell and blended over the image."""
+    if heat.ndim != 2:  # a flattened map would be drawn as a column and smeared into horizontal stripes
+        raise ValueError(f"attention heat map: expected an (h, w) grid, got shape {heat.shape}")
     base = _resized(image)
     smooth = Image.fromarray((heat / scale).astype(np.float32)).resize(base.size, Image.BILINEAR)
     colour = _colours(np.asarray(smooth))
