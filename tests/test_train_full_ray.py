@@ -126,3 +126,7 @@ def test_generate_samples_the_published_unet(stats, full_run):
     torch.testing.assert_close(latents["finetuned"][0], torch.from_numpy(tuned_latents[0]), atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(latents["base"][0], torch.from_numpy(base_latents[0]), atol=1e-4, rtol=1e-3)
     assert float((torch.from_numpy(tuned_latents[0] - base_latents[0])).abs().max()) > 1e-2
+    # The attention maps were recorded on the full fine-tune's own UNet: its maps differ from the base model's.
+    maps = load_file(str(Path(stats) / "report" / "attention" / "maps.safetensors"))
+    tuned = {k.split("/", 1)[1]: v for k, v in maps.items() if k.startswith("finetuned/")}
+    assert tuned and any(not torch.equal(v, maps[f"base/{k}"]) for k, v in tuned.items())

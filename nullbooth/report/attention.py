@@ -107,7 +107,7 @@ def record_maps(config: Config, targets: list[AttentionTarget], loras: dict[str,
     loras {model: LoRA folder or None (the base model)}, the base first, one batch of all targets per model."""
     from nullbooth.models.attention import record_attention
     from nullbooth.models.backends import get_backend
-    from nullbooth.models.sampler import apply_lora, sample_batch
+    from nullbooth.models.sampler import FinetunedModels, sample_batch
 
     backend = get_backend(config)
     pipe = backend.load_pipeline(backend.device())
@@ -115,9 +115,10 @@ def record_maps(config: Config, targets: list[AttentionTarget], loras: dict[str,
     column = {p: i for i, p in enumerate(union)}
     out: dict[str, Any] = {"latent": tuple(int(s) // pipe.vae_scale_factor for s in backend.image_size(pipe)),
                            "models": {}}
+    finetuned = FinetunedModels(pipe)  # a LoRA on the base UNet, or a full fine-tune's own UNet (train.adapter)
     for model, lora_dir in sorted(loras.items(), key=lambda item: item[1] is not None):
         if lora_dir is not None:
-            apply_lora(pipe, lora_dir, config.generate.lora_scale, adapter_name=f"attention-{model}")
+            finetuned.add(f"attention-{model}", lora_dir, config.generate.lora_scale, select=True)
         with record_attention(pipe.unet, union, cond_half=backend.uses_guidance) as record:
             images, _ = sample_batch(config, pipe, [t.prompt for t in targets], [t.seed for t in targets])
         maps = [{w: {key: value[b][:, [column[p] for p in ps]].sum(dim=-1).numpy()
