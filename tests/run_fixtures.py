@@ -136,3 +136,22 @@ def write_train_report(run_dir: str | Path, mode: str, scale: float, timesteps: 
     report = {"step": 10, "mode": mode, "unprotected": [], "final_loss": 0.1, "preservation": errors}
     RunDir(str(run_dir)).write_json("lora/report.json", report)
     return report
+
+
+def worker_for(config, images):
+    """(a training Worker over the run's statistics on one thread, the run's manifest): the unit tests' worker."""
+    from nullbooth.stats.manifest import read_manifest
+    from nullbooth.storage import RunDir
+    from nullbooth.train.projection import plan_projection
+    from nullbooth.train.worker import Worker
+
+    manifest = read_manifest(RunDir(config.run_dir))
+    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
+    torch.set_num_threads(1)
+    return Worker(config, plan, images, None), manifest
+
+
+def train_steps(worker, n):
+    for _ in range(n):
+        worker.train_step()
+

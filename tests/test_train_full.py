@@ -9,7 +9,7 @@ space is a proper subspace, known exactly). The Ray end-to-end path is in test_t
 import pytest
 import torch
 import torch.nn.functional as F
-from run_fixtures import write_fake_statistics
+from run_fixtures import train_steps, worker_for, write_fake_statistics
 
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
@@ -27,7 +27,6 @@ from nullbooth.train.data import stack_images
 from nullbooth.train.full import save_unet
 from nullbooth.train.inputs import training_signature
 from nullbooth.train.projection import plan_projection
-from nullbooth.train.worker import Worker
 
 TIMESTEPS = [801, 401, 1]
 
@@ -45,17 +44,8 @@ def images():
 
 
 def make_worker(run_dir, images, *overrides):
-    config = load_config(None, [f"run_dir={run_dir}", "train.adapter=full", "train.train_batch_size=2",
-                                "train.learning_rate=1e-3", "train.max_train_steps=8", *overrides])
-    manifest = read_manifest(RunDir(run_dir))
-    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
-    torch.set_num_threads(1)
-    return Worker(config, plan, images, None), manifest
-
-
-def train_steps(worker, n):
-    for _ in range(n):
-        worker.train_step()
+    return worker_for(load_config(None, [f"run_dir={run_dir}", "train.adapter=full", "train.train_batch_size=2",
+                                         "train.learning_rate=1e-3", "train.max_train_steps=8", *overrides]), images)
 
 
 def leak(delta: torch.Tensor, basis: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from run_fixtures import write_fake_statistics
+from run_fixtures import train_steps, worker_for, write_fake_statistics
 from safetensors.torch import load_file, save_file
 
 from nullbooth.config import load_config
@@ -87,16 +87,7 @@ def make_config(run_dir, *overrides):
 
 
 def make_worker(run_dir, images, *overrides):
-    config = make_config(run_dir, *overrides)
-    manifest = read_manifest(RunDir(run_dir))
-    plan = plan_projection(config, manifest, {n: e["in_features"] for n, e in manifest.layers.items()})
-    torch.set_num_threads(1)
-    return Worker(config, plan, images, None), manifest
-
-
-def train_steps(worker, n):
-    for _ in range(n):
-        worker.train_step()
+    return worker_for(make_config(run_dir, *overrides), images)
 
 
 # ---------------------------------------------------------------------------------------------------------------
