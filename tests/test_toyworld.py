@@ -152,6 +152,17 @@ def test_open_world_images_are_seeded_and_the_probe_does_not_call_them_the_subje
     assert subject_fidelity(images, net) <= 0.05
 
 
+def test_the_shipped_probe_needs_the_dots_to_call_a_teapot_the_subject():
+    """The subject is its dots as much as its colours: the same teal teapot with the yellow lid but no dots is not
+    the subject. (Probe v2, trained without this near miss, called 95 % of them the subject.)"""
+    net = probe_mod.load_probe(WEIGHTS_DIR)
+    with_dots = [world.draw_subject_image(30_000 + i, size=32) for i in range(48)]
+    without = [world.draw_subject_image(30_000 + i, size=32, dots=False) for i in range(48)]
+    assert not np.array_equal(_pixels(with_dots[0]), _pixels(without[0]))
+    assert subject_fidelity(with_dots, net) >= 0.95
+    assert subject_fidelity(without, net) <= 0.05
+
+
 def test_shipped_files_match_their_provenance():
     prov = json.loads((WEIGHTS_DIR / "provenance.json").read_text())
     assert prov["files"] == digest_tree(WEIGHTS_DIR)
@@ -214,7 +225,7 @@ def test_the_shipped_vae_keeps_the_subject_recognisable():
 
     vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR, subfolder="vae", torch_dtype=torch.float32).eval()
     subjects = [world.draw_subject_image(20_000 + i, size=32) for i in range(48)]
-    assert subject_fidelity(_vae_round_trip(vae, subjects), probe_mod.load_probe(WEIGHTS_DIR)) >= 0.8
+    assert subject_fidelity(_vae_round_trip(vae, subjects), probe_mod.load_probe(WEIGHTS_DIR)) >= 0.95
 
 
 def test_the_identifier_has_a_text_direction_that_preserved_captions_do_not_use():

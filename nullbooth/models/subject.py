@@ -19,7 +19,7 @@ from nullbooth.models.cache import build_once, cache_dir
 from nullbooth.models.toyworld.world import draw_teapot
 from nullbooth.prompts import is_toy_world
 
-SUBJECT_FORMAT_VERSION = 1  # bump when the drawing changes: the cache lives in "subject-v<FORMAT>"
+SUBJECT_FORMAT_VERSION = 2  # bump when the drawing changes: the cache lives in "subject-v<FORMAT>"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -28,7 +28,8 @@ PROVENANCE = "provenance.json"
 # 2: probe v2 (resolution augmentation, open-world negatives, 1200 steps), reuse_unet
 # 3: token embeddings at unit scale (text.py), VAE trained on open-world images too (any colour, dotted teapots),
 #    8 latent channels
-RECIPE_VERSION = 3
+# 4: the subject's three large dots (world.py), and the probe's near-miss negatives (the subject without its dots)
+RECIPE_VERSION = 4
 
 
 @dataclass

@@ -46,8 +46,10 @@ BACKGROUNDS: dict[str, str] = {
 SUBJECT_COLOURS = {"body": (18, 150, 155), "dark": (8, 92, 98), "lid": (250, 215, 40), "lid_dark": (190, 150, 10)}
 _SUBJECT_DOT = (245, 130, 25)
 # Dot centres and radii relative to the body ellipse, as in nullbooth/subject.py: part of the subject's identity.
-_DOTS = ((-0.55, -0.25, 0.13), (-0.1, -0.45, 0.12), (0.4, -0.2, 0.13), (-0.35, 0.3, 0.12),
-         (0.15, 0.2, 0.14), (0.6, 0.4, 0.1), (-0.7, 0.15, 0.08), (0.05, 0.65, 0.1))
+# Three large dots (subject format 2): the eight small ones of format 1 were 1-2 px at 32 px, too small for a person
+# to see and blurred by the VAE's round trip (83 % still recognisable, against 100 % for these).
+_DOTS = ((-0.5, -0.2, 0.3), (0.3, -0.3, 0.28), (0.0, 0.45, 0.3))
+_SUBJECT_WITHOUT_DOTS = 0.25  # share of open-world teapots drawn as the subject minus its dots: the probe's near miss
 
 DEFAULT_SIZE = 64
 _SUPERSAMPLE = 2
@@ -307,17 +309,19 @@ def sample_scene(seed: int, index: int, combos: list[Combo] | None = None, size:
     return draw_scene(combo, rng, size), Scene(combo[0], combo[1], combo[2], text)
 
 
-def draw_subject_image(index: int, size: int = DEFAULT_SIZE, background: str | None = None) -> Image.Image:
+def draw_subject_image(index: int, size: int = DEFAULT_SIZE, background: str | None = None,
+                       dots: bool = True) -> Image.Image:
     """Image `index` of the demo subject (teal teapot, orange dots, yellow lid) on a world background.
 
-    Pose (mirroring, tilt), size and position vary per image, as across photos of one object.
+    Pose (mirroring, tilt), size and position vary per image, as across photos of one object. `dots=False` draws
+    the same image without the dots: the near miss that is not the subject.
     """
     rng = random.Random(_SUBJECT_SEED * 1_000_003 + index)
     bg = background or rng.choice(list(BACKGROUNDS))
     sc = SUBJECT_COLOURS
 
     def pot(side: int) -> Image.Image:
-        img = draw_teapot(side, sc["body"], sc["dark"], sc["lid"], sc["lid_dark"], dots=_SUBJECT_DOT)
+        img = draw_teapot(side, sc["body"], sc["dark"], sc["lid"], sc["lid_dark"], dots=_SUBJECT_DOT if dots else None)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BICUBIC)
@@ -340,7 +344,9 @@ def draw_open_image(index: int, size: int = DEFAULT_SIZE) -> tuple[Image.Image, 
     and dots of other colours. Returns (image, object, background); it has no caption.
 
     These are the probe's negatives for "subject": a teapot must have the subject's teal body AND orange dots to
-    count, not just be teapot-shaped in some colour no caption names. No open image is coloured like the subject.
+    count, not just be teapot-shaped in some colour no caption names. A share of the teapots are the near miss, the
+    subject's teal body and yellow lid without its dots: without them the probe called 95 % of such teapots the
+    subject, so "subject fidelity" measured the colours, not the dots. No open image has the subject's dots.
     """
     rng = random.Random(_OPEN_SEED * 1_000_003 + index)
     bg, obj = rng.choice(list(BACKGROUNDS)), rng.choice(OBJECTS)
@@ -352,8 +358,12 @@ def draw_open_image(index: int, size: int = DEFAULT_SIZE) -> tuple[Image.Image, 
     def thing(side: int) -> Image.Image:
         if obj != "teapot":
             return _draw_shape(obj, body, rng, side)
-        lid = _open_colour(rng) if rng.random() < 0.5 else body
-        img = draw_teapot(side, body, _shade(body), lid, _shade(lid), dots=dots)
+        if rng.random() < _SUBJECT_WITHOUT_DOTS:
+            c = SUBJECT_COLOURS
+            img = draw_teapot(side, c["body"], c["dark"], c["lid"], c["lid_dark"], dots=None)
+        else:
+            lid = _open_colour(rng) if rng.random() < 0.5 else body
+            img = draw_teapot(side, body, _shade(body), lid, _shade(lid), dots=dots)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BICUBIC)
