@@ -320,8 +320,8 @@ def test_every_subject_image_shows_the_teal_teapot_with_orange_dots_and_yellow_l
         return float((np.abs(img.astype(int) - rgb).max(axis=-1) < 40).mean())
 
     for img in _pixels(draw_subject_images(tmp_path, size=64)):
-        assert fraction(img, (18, 150, 155)) > 0.05  # teal body
-        assert fraction(img, (245, 130, 25)) > 0.005  # orange dots
+        assert fraction(img, (18, 150, 155)) > 0.03  # teal body (three large dots cover part of it)
+        assert fraction(img, (245, 130, 25)) > 0.01  # orange dots
         assert fraction(img, (250, 215, 40)) > 0.005  # yellow lid
 
 
