@@ -177,8 +177,9 @@ def test_distillation_writes_a_stock_lcm_folder_with_provenance(tmp_path, capsys
     assert prov["teacher"]["provenance_sha256"] == sha256_file(WEIGHTS_DIR / "provenance.json")
     assert prov["settings"]["steps"] == prov["distillation"]["steps"] == 2 and prov["data"]["images"] == 16
     assert np.isfinite(prov["distillation"]["final_loss"])
-    for name in ("probe.safetensors", "probe.json", "vae/diffusion_pytorch_model.safetensors"):
-        assert sha256_file(out / name) == sha256_file(WEIGHTS_DIR / name), name  # kept exactly
+    kept = [n for n in prov["files"] if n.startswith(("vae/", "text_encoder/", "tokenizer/", "probe."))]
+    assert len(kept) == 8 and all(sha256_file(out / n) == sha256_file(WEIGHTS_DIR / n) for n in kept)  # the teacher's
+    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())
     assert is_toy_world(str(out))
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(out, dtype=torch.float32, safety_checker=None)
@@ -220,17 +221,22 @@ def test_a_missing_shipped_model_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_the_shipped_lcm_matches_its_provenance_and_was_distilled_from_the_shipped_toy_model():
-    """The shipped toy-world LCM: files untouched, safetensors and JSON only, 10 MB or less, a stock LCM folder whose
-    teacher is the shipped toy SD model (its provenance digest), with that model's probe."""
+    """The shipped toy-world LCM: files untouched, safetensors and JSON only, a stock LCM folder whose teacher is the
+    shipped toy SD model (its provenance digest), with that model's probe. Its VAE, text encoder, tokenizer and probe
+    are the toy model's, byte for byte (git stores each blob once): what it adds, the UNet and configs, is 10 MB or
+    less."""
     from diffusers import UNet2DConditionModel
 
     prov = json.loads((LCM_WEIGHTS_DIR / "provenance.json").read_text())
     assert prov["files"] == digest_tree(LCM_WEIGHTS_DIR)
     files = [p for p in LCM_WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} <= {".safetensors", ".json", ".txt"}
-    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
+    for name in prov["files"]:
+        if not name.startswith(("unet/", "scheduler/", "model_index.json")):
+            assert sha256_file(LCM_WEIGHTS_DIR / name) == sha256_file(WEIGHTS_DIR / name), name
+    added = [p for p in files if p.parts[len(LCM_WEIGHTS_DIR.parts)] in ("unet", "scheduler", "model_index.json")]
+    assert sum(p.stat().st_size for p in added) <= 10 * 10**6
     assert prov["teacher"]["provenance_sha256"] == sha256_file(WEIGHTS_DIR / "provenance.json")
-    assert sha256_file(LCM_WEIGHTS_DIR / "probe.safetensors") == sha256_file(WEIGHTS_DIR / "probe.safetensors")
     config = json.loads((LCM_WEIGHTS_DIR / "model_index.json").read_text())
     assert config["_class_name"] == "LatentConsistencyModelPipeline" and config["scheduler"][1] == "LCMScheduler"
     unet = UNet2DConditionModel.from_pretrained(LCM_WEIGHTS_DIR, subfolder="unet")

@@ -51,6 +51,7 @@ from nullbooth.models.toyworld.provenance import (
 from nullbooth.models.toyworld.recipe import PROVENANCE, world_training_set
 
 DISTILL_VERSION = 1
+FROZEN_PARTS = ("vae", "text_encoder", "tokenizer")  # the teacher's, unchanged in the LCM folder
 
 
 @dataclass
@@ -195,7 +196,8 @@ def make_student(teacher, time_cond_proj_dim: int):
     zero, so the student's first prediction is the teacher's (diffusers' recipe leaves it at its random init)."""
     from diffusers import UNet2DConditionModel
 
-    student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=time_cond_proj_dim)
+    config = {k: v for k, v in teacher.config.items() if k != "_name_or_path"}  # where the teacher was read from
+    student = UNet2DConditionModel.from_config(config, time_cond_proj_dim=time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(".cond_proj." not in name for name in missing):
         raise RuntimeError(f"student UNet: unexpected weights {unexpected}, missing {missing}")
@@ -283,16 +285,20 @@ def distill_data(pipe, settings: DistillSettings) -> tuple[trainers.UNetData, di
                   "seconds": round(time.time() - t0, 1)}
 
 
-def _save_lcm(folder: Path, pipe, unet, settings: DistillSettings) -> None:
-    """A stock LatentConsistencyModelPipeline folder (LCMScheduler over the distillation's schedule), fp16."""
+def _save_lcm(folder: Path, teacher_folder: Path, pipe, unet, settings: DistillSettings) -> None:
+    """A stock LatentConsistencyModelPipeline folder (LCMScheduler over the distillation's schedule), UNet in fp16.
+    The frozen parts (VAE, text encoder, tokenizer) are the teacher's files, copied byte for byte."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
     scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=settings.num_ddim_timesteps,
                                          timestep_scaling=settings.timestep_scaling)
-    lcm = LatentConsistencyModelPipeline(vae=pipe.vae.half(), text_encoder=pipe.text_encoder.half(),
-                                         tokenizer=pipe.tokenizer, unet=unet.half(), scheduler=scheduler,
-                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    lcm = LatentConsistencyModelPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                         unet=unet.half(), scheduler=scheduler, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
     lcm.save_pretrained(folder, safe_serialization=True)
+    for part in FROZEN_PARTS:
+        shutil.rmtree(folder / part)
+        shutil.copytree(teacher_folder / part, folder / part)
 
 
 def _copy_probe(teacher_folder: Path, folder: Path) -> bool:
@@ -324,7 +330,7 @@ def _distill_into(tmp: Path, teacher: str, settings: DistillSettings, progress: 
     solver = SkippingDDIM(pipe.scheduler.alphas_cumprod, settings.num_ddim_timesteps)
     student = make_student(pipe.unet, settings.time_cond_proj_dim)
     target, record = train_lcd(student, pipe.unet, solver, data, settings, progress)
-    _save_lcm(tmp, pipe, target, settings)
+    _save_lcm(tmp, folder, pipe, target, settings)
     probe_copied = _copy_probe(folder, tmp)
     return {"recipe": "latent consistency distillation", "recipe_version": DISTILL_VERSION,
             "settings": asdict(settings), "teacher": _teacher_record(teacher, folder), "data": data_record,
