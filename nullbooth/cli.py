@@ -106,6 +106,13 @@ def _toy_model_train(config: None, args: argparse.Namespace) -> None:
     print(train_toy_model(args.out_dir, seed=args.seed, overwrite=args.overwrite))
 
 
+def _toy_model_distill_lcm(config: None, args: argparse.Namespace) -> None:
+    from nullbooth.models.toyworld.distill import distill_toy_lcm
+
+    print(distill_toy_lcm(args.out_dir, teacher=args.teacher, seed=args.seed, steps=args.steps,
+                          overwrite=args.overwrite))
+
+
 def _build_cov(config: Config, args: argparse.Namespace) -> None:
     from nullbooth.stats.build import build_covariance
     from nullbooth.stats.summary import format_summary
@@ -164,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("tiny-model", _tiny_model, "build the embedded tiny model into a folder", config=None)
     p.add_argument("out_dir")
     p.add_argument("--backend", choices=("sd", "lcm"), default="sd")
-    toy = sub.add_parser("toy-model", help="the toy-world model: train it", description="the toy-world model")
+    toy = sub.add_parser("toy-model", help="the toy-world model: train it, distill an LCM from it",
+                         description="the toy-world model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     p = toy_sub.add_parser("train", help="train the toy-world model (probe, VAE, UNet) into a folder, seeded, on CPU",
                            description="Train the toy-world model into OUT_DIR: a stock diffusers folder with its "
@@ -173,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(handler=_toy_model_train, reads_config=False, parser=p)
+    p = toy_sub.add_parser("distill-lcm", help="distill a Latent Consistency Model from the toy-world model, seeded, "
+                                               "on CPU",
+                           description="Distill a Latent Consistency Model from an SD teacher (latent consistency "
+                                       "distillation) into OUT_DIR: a stock diffusers LatentConsistencyModelPipeline "
+                                       "folder with the teacher's probe and provenance.json (about 25 minutes "
+                                       "on 2 CPU cores).")
+    p.add_argument("out_dir")
+    p.add_argument("--teacher", default="toy", help="'toy' (the shipped toy model) or a folder from `toy-model train`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's, 4000)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(handler=_toy_model_distill_lcm, reads_config=False, parser=p)
     p = command("build-cov", _build_cov, "stage 1: key covariances and null-space bases")
     p.add_argument("--force", action="store_true", help="overwrite a complete run made with another config")
     p = command("train", _train, "stage 2: projected LoRA DreamBooth on Ray Train")

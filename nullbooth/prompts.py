@@ -43,15 +43,16 @@ def read_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> lis
 
 
 # The toy-world probe's weights file (models/toyworld/probe.py): a model folder that ships it is a toy-world model,
-# the embedded `toy` or one made by `nullbooth toy-model train OUT_DIR`.
+# the embedded `toy` / `toy-lcm` or one made by `nullbooth toy-model train OUT_DIR` (or `distill-lcm`).
 TOY_PROBE_FILE = "probe.safetensors"
+TOY_WORLD_MODELS = ("toy", "toy-lcm")  # the embedded toy-world models (models/registry.py ships them)
 
 
 def is_toy_world(model_path: str) -> bool:
     """Whether `model.path` names a toy-world model. Those get the world's own captions as the demo prompts, the
-    subject drawn in the world, and instance variants on the world's backgrounds: the embedded `toy`, and equally a
-    folder the recipe wrote."""
-    return model_path == "toy" or (Path(model_path).expanduser() / TOY_PROBE_FILE).is_file()
+    subject drawn in the world, and instance variants on the world's backgrounds: the embedded `toy` and `toy-lcm`,
+    and equally a folder the recipe (or the LCM distillation) wrote."""
+    return model_path in TOY_WORLD_MODELS or (Path(model_path).expanduser() / TOY_PROBE_FILE).is_file()
 
 
 def resolve_prompts_file(value: str, model_path: str = "tiny") -> Path:

@@ -166,7 +166,7 @@ def test_bad_model_paths(tmp_path):
     cases = {str(tmp_path / "empty"): f"model.path: {str(tmp_path / 'empty')!r} is not a diffusers pipeline folder "
                                       "(no model_index.json)",
              "./nowhere/at/all": "model.path: './nowhere/at/all' is neither a local folder, a hub id (org/name) "
-                                 "nor one of 'tiny', 'tiny-lcm', 'toy'"}
+                                 "nor one of 'tiny', 'tiny-lcm', 'toy', 'toy-lcm'"}
     for path, message in cases.items():
         with pytest.raises(NullBoothError) as err:
             get_backend(load_config(None, [f"model.path={path}"])).timestep_plan()

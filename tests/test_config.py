@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NULLBOOTH_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("cluster"))
 
 
-def test_configs_folder_ships_the_four_configs():
-    assert {p.name for p in NULLBOOTH_CONFIGS} >= {"tiny.yaml", "tiny-lcm.yaml", "sd15.yaml", "lcm.yaml"}
+def test_configs_folder_ships_the_configs():
+    assert {p.name for p in NULLBOOTH_CONFIGS} >= {"toy.yaml", "toy-lcm.yaml", "tiny.yaml", "tiny-lcm.yaml",
+                                                   "sd15.yaml", "lcm.yaml"}
 
 
 @pytest.mark.parametrize("path", NULLBOOTH_CONFIGS, ids=lambda p: p.name)
@@ -147,9 +148,9 @@ def test_a_bad_model_path_is_refused_from_the_config(tmp_path, capsys):
 
     (tmp_path / "empty").mkdir()
     cases = {"/no/such/model": "model.path: '/no/such/model' is neither a local folder, a hub id (org/name) nor one "
-                               "of 'tiny', 'tiny-lcm', 'toy'",
+                               "of 'tiny', 'tiny-lcm', 'toy', 'toy-lcm'",
              "tiny-lcn": "model.path: 'tiny-lcn' is neither a local folder, a hub id (org/name) nor one of 'tiny', "
-                         "'tiny-lcm', 'toy'",
+                         "'tiny-lcm', 'toy', 'toy-lcm'",
              str(tmp_path / "empty"): f"model.path: {str(tmp_path / 'empty')!r} is not a diffusers pipeline folder "
                                       "(no model_index.json)"}
     for path, message in cases.items():

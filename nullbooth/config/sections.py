@@ -12,7 +12,7 @@ THRESHOLD_KINDS = ("relative", "absolute", "energy", "percentile")
 PROJECTION_MODES = ("global", "timestep", "none")
 ADAPTERS = ("lora", "full")
 DEFAULT_PROTECTED_LAYERS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
-EMBEDDED_MODEL_NAMES = ("tiny", "tiny-lcm", "toy")  # model.path names the package builds or ships (models/registry.py)
+EMBEDDED_MODEL_NAMES = ("tiny", "tiny-lcm", "toy", "toy-lcm")  # model.path names the package builds or ships (models/registry.py)
 
 
 def _f(default: Any = None, help: str = "", *, factory: Any = None, **constraints: Any) -> Any:
@@ -33,8 +33,8 @@ class RayConfig:
 @dataclass
 class ModelConfig:
     backend: str = _f("sd", "model family", choices=("sd", "lcm"))
-    path: str = _f("tiny", "local diffusers folder, hub id, or an embedded model: 'toy' (trained on a toy world) or "
-                           "'tiny' / 'tiny-lcm' (random weights)")
+    path: str = _f("tiny", "local diffusers folder, hub id, or an embedded model: 'toy' (SD, trained on a toy world), "
+                           "'toy-lcm' (LCM distilled from it) or 'tiny' / 'tiny-lcm' (random weights)")
     revision: str | None = _f(None, "hub revision (hub ids only)")
     dtype: str = _f("float32", "weights dtype for statistics and generation", choices=("float32", "float16", "bfloat16"))
     device: str = _f("auto", "where actors run the model: auto (cuda when the actor has a GPU), cpu or cuda",

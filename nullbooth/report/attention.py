@@ -25,6 +25,7 @@ import numpy as np
 
 from nullbooth.config import Config, parse_attention_entry
 from nullbooth.errors import NullBoothError
+from nullbooth.prompts import is_toy_world
 from nullbooth.report.plan import seeds_for
 
 PIECES_RULE = "sum over the word's tokenizer pieces"
@@ -49,7 +50,7 @@ def object_word(prompt: str, model_path: str) -> str:
     word before the first preposition ('a wooden chair in an empty room' -> 'chair'), a heuristic that
     generate.attention.prompts overrides."""
     words = re.findall(r"[a-z0-9]+", prompt.lower())
-    if model_path == "toy":
+    if is_toy_world(model_path):
         from nullbooth.models.toyworld.world import OBJECTS
 
         named = [w for w in words if w in OBJECTS]

@@ -1,14 +1,21 @@
-"""Provenance helpers: which code made a file, and digests that let anyone check shipped files are untouched."""
+"""Provenance helpers: which code made a file, digests that let anyone check shipped files are untouched, and the
+staged output folder that makes a recipe's result appear whole or not at all."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from nullbooth.errors import NullBoothError
 
 
 def code_version() -> dict[str, str | None]:
@@ -48,3 +55,29 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_new_output(out: str | os.PathLike, overwrite: bool, what: str) -> Path:
+    """`out` as a Path; refuses an existing `out` unless `overwrite` (`what` names the output in the message)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NullBoothError(f"{what} {out}: already exists (pass --overwrite, or overwrite=True, to replace it)")
+    return out
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into. When the block ends normally it is renamed to `out` (replacing
+    an old `out`); when it raises, it is removed. So `out` is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,13 @@ import torch
 from nullbooth.errors import NullBoothError
 from nullbooth.models.toyworld import probe as probe_mod
 from nullbooth.models.toyworld import text, trainers, world
-from nullbooth.models.toyworld.provenance import code_version, digest_tree, write_json
+from nullbooth.models.toyworld.provenance import (
+    check_new_output,
+    code_version,
+    digest_tree,
+    staged_folder,
+    write_json,
+)
 
 PROVENANCE = "provenance.json"
 # 2: probe v2 (resolution augmentation, open-world negatives, 1200 steps), reuse_unet
@@ -68,12 +73,13 @@ class RecipeSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _images(settings: RecipeSettings) -> tuple[torch.Tensor, list[str]]:
-    """The training images (training combinations only, never the held-out ones) and their captions."""
+def world_training_set(seed: int, num_images: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """The training images, (N,3,H,W) in [0, 1] (training combinations only, never the held-out ones), and their
+    captions; image i is `world.sample_scene(seed, i)`, so the same arguments give the same set."""
     combos = world.training_combos()
     arrays, captions = [], []
-    for i in range(settings.num_images):
-        img, scene = world.sample_scene(settings.seed, i, combos, size=settings.image_size)
+    for i in range(num_images):
+        img, scene = world.sample_scene(seed, i, combos, size=image_size)
         arrays.append(np.asarray(img, dtype=np.uint8))
         captions.append(scene.caption)
     return _to_tensor(arrays), captions
@@ -105,11 +111,7 @@ def _text_side(settings: RecipeSettings, captions: list[str]):
     tokenizer = text.build_tokenizer(settings.max_length)
     encoder = text.build_text_encoder(tokenizer, width=settings.text_width, layers=settings.text_layers,
                                       seed=settings.seed + 1, token_std=settings.token_std)
-    unique = sorted(set(captions))
-    emb = text.encode_prompts(tokenizer, encoder, [*unique, ""])
-    where = {c: i for i, c in enumerate(unique)}
-    ids = torch.tensor([where[c] for c in captions])
-    return tokenizer, encoder, emb, ids, len(unique)
+    return (tokenizer, encoder, *text.caption_table(tokenizer, encoder, captions))
 
 
 def _scheduler():
@@ -182,7 +184,7 @@ def _unet(settings: RecipeSettings, data: trainers.UNetData, progress: bool):
 def _train_models(settings: RecipeSettings, folder: Path, progress: bool) -> dict[str, Any]:
     """Data, VAE, latents, UNet; saves the pipeline into `folder` and returns what provenance records."""
     t0 = time.time()
-    images, captions = _images(settings)
+    images, captions = world_training_set(settings.seed, settings.num_images, settings.image_size)
     tokenizer, encoder, emb, cap_ids, n_captions = _text_side(settings, captions)
     data_s = time.time() - t0
     vae, vae_rec = _vae(settings, images, progress)
@@ -231,34 +233,25 @@ def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int
         raise NullBoothError(f"toy model recipe: unknown setting(s) {unknown}; known: {sorted(known)}")
     settings = RecipeSettings(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, probe_steps=probe_steps,
                               **overrides)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise NullBoothError(f"toy model output {out}: already exists (pass overwrite=True to replace it)")
+    out = check_new_output(out_dir, overwrite, "toy model output")
     if settings.image_size % 2 ** (len(settings.vae_channels) - 1):
         raise NullBoothError(f"toy model recipe: image_size={settings.image_size} is not divisible by the VAE's "
                              f"downsampling factor {2 ** (len(settings.vae_channels) - 1)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        t0 = time.time()
-        probe_info = _train_probe(settings, tmp, progress)
-        t1 = time.time()
-        models = _train_models(settings, tmp, progress)
-        prov = {"recipe_version": RECIPE_VERSION, "settings": asdict(settings), "code_version": code_version(),
-                "probe": probe_info, **models,
-                "wall_seconds": {"probe": round(t1 - t0, 1), "models": round(time.time() - t1, 1),
-                                 "total": round(time.time() - t0, 1)},
-                "held_out_combos": [list(c) for c in world.held_out_combos()],
-                **_lineage(settings), "files": digest_tree(tmp)}
-        write_json(tmp / PROVENANCE, prov)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        with staged_folder(out) as tmp:
+            t0 = time.time()
+            probe_info = _train_probe(settings, tmp, progress)
+            t1 = time.time()
+            models = _train_models(settings, tmp, progress)
+            prov = {"recipe_version": RECIPE_VERSION, "settings": asdict(settings), "code_version": code_version(),
+                    "probe": probe_info, **models,
+                    "wall_seconds": {"probe": round(t1 - t0, 1), "models": round(time.time() - t1, 1),
+                                     "total": round(time.time() - t0, 1)},
+                    "held_out_combos": [list(c) for c in world.held_out_combos()],
+                    **_lineage(settings), "files": digest_tree(tmp)}
+            write_json(tmp / PROVENANCE, prov)
     finally:
         torch.set_num_threads(threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

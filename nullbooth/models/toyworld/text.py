@@ -103,3 +103,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+
+
+def caption_table(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(embeddings, caption ids, empty): each distinct caption encoded once, the empty prompt last (row `empty`),
+    and for every caption in `captions` its row. The training loops index this table instead of re-encoding."""
+    unique = sorted(set(captions))
+    embeddings = encode_prompts(tokenizer, text_encoder, [*unique, ""])
+    where = {c: i for i, c in enumerate(unique)}
+    return embeddings, torch.tensor([where[c] for c in captions]), len(unique)

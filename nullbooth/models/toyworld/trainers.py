@@ -1,6 +1,7 @@
 """The two training loops of the toy model: the VAE (reconstruction) and the UNet (DDPM epsilon loss).
 
 Both are plain seeded PyTorch loops over tensors held in memory; the recipe (`recipe.py`) wires them together.
+The latent sampling, schedule and EMA helpers are shared with the LCM distillation (`distill.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class LoopRecord:
         return {"steps": self.steps, "final_loss": round(self.final_loss, 6), "seconds": round(self.seconds, 1)}
 
 
-def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -60,7 +62,7 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: flo
     t0, gen = time.time(), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # posterior sampling inside diffusers uses the global RNG
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+    sched = cosine_schedule(opt, steps, warmup=max(1, steps // 20))
     vae.train()
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="vae", disable=not progress)
@@ -123,6 +125,12 @@ class UNetData:
     scaling_factor: float
 
 
+def sample_latents(data: UNetData, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scaled latents of images `idx`, drawn from their posteriors (a fresh draw each call, as SD training does)."""
+    eps = torch.randn(data.mean[idx].shape, generator=gen)
+    return (data.mean[idx] + data.std[idx] * eps) * data.scaling_factor
+
+
 def train_unet(unet, data: UNetData, *, steps: int, batch_size: int, lr: float, ema_decay: float,
                caption_dropout: float, seed: int, progress: bool):
     """DDPM epsilon-prediction training; returns (EMA copy of the UNet, record).
@@ -137,14 +145,13 @@ def train_unet(unet, data: UNetData, *, steps: int, batch_size: int, lr: float, 
     noise_sched = DDPMScheduler(**SD_BETAS, clip_sample=False)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+    sched = cosine_schedule(opt, steps, warmup=max(1, steps // 20))
     unet.train()
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="unet", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(data.mean), (batch_size,), generator=gen)
-        eps0 = torch.randn(data.mean[idx].shape, generator=gen)
-        latents = (data.mean[idx] + data.std[idx] * eps0) * data.scaling_factor
+        latents = sample_latents(data, idx, gen)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
         caps = data.caption_ids[idx].clone()
@@ -156,13 +163,14 @@ def train_unet(unet, data: UNetData, *, steps: int, batch_size: int, lr: float, 
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
     return ema, LoopRecord(steps, float(loss.item()), time.time() - t0)
 
 
 @torch.no_grad()
-def _ema_update(ema, model, decay: float) -> None:
+def ema_update(ema, model, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm, 1 - decay)
