@@ -4,6 +4,8 @@ distillation steps into a stock LCM folder, the CLI's refusals, and the shipped 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,23 +223,40 @@ def test_a_missing_shipped_model_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_the_shipped_lcm_matches_its_provenance_and_was_distilled_from_the_shipped_toy_model():
-    """The shipped toy-world LCM: files untouched, safetensors and JSON only, a stock LCM folder whose teacher is the
-    shipped toy SD model (its provenance digest), with that model's probe. Its VAE, text encoder, tokenizer and probe
-    are the toy model's, byte for byte (git stores each blob once): what it adds, the UNet and configs, is 10 MB or
-    less."""
+    """The shipped toy-world LCM: what distillation made (UNet, scheduler, configs), 10 MB or less, safetensors and
+    JSON only; put together with the toy model's VAE, text encoder, tokenizer and probe it is, file by file, the
+    folder its provenance describes, and its teacher is the shipped toy SD model (that model's provenance digest)."""
     from diffusers import UNet2DConditionModel
 
+    from nullbooth.models.registry import TOY_LCM_SHARED_PARTS, resolve_model_location
+
     prov = json.loads((LCM_WEIGHTS_DIR / "provenance.json").read_text())
-    assert prov["files"] == digest_tree(LCM_WEIGHTS_DIR)
     files = [p for p in LCM_WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} <= {".safetensors", ".json", ".txt"}
-    for name in prov["files"]:
-        if not name.startswith(("unet/", "scheduler/", "model_index.json")):
-            assert sha256_file(LCM_WEIGHTS_DIR / name) == sha256_file(WEIGHTS_DIR / name), name
-    added = [p for p in files if p.parts[len(LCM_WEIGHTS_DIR.parts)] in ("unet", "scheduler", "model_index.json")]
-    assert sum(p.stat().st_size for p in added) <= 10 * 10**6
+    assert sum(p.stat().st_size for p in files) <= 10 * 10**6
+    assert {p.name for p in LCM_WEIGHTS_DIR.iterdir()} == {"unet", "scheduler", "model_index.json", "provenance.json"}
+    assembled = Path(resolve_model_location("toy-lcm"))
+    assert digest_tree(assembled) == prov["files"]
+    for part in TOY_LCM_SHARED_PARTS:  # the toy model's own files, not copies made by the distillation
+        shared = [name for name in prov["files"] if name.split("/")[0] == part]
+        assert shared and all(prov["files"][n] == sha256_file(WEIGHTS_DIR / n) for n in shared), part
     assert prov["teacher"]["provenance_sha256"] == sha256_file(WEIGHTS_DIR / "provenance.json")
     config = json.loads((LCM_WEIGHTS_DIR / "model_index.json").read_text())
     assert config["_class_name"] == "LatentConsistencyModelPipeline" and config["scheduler"][1] == "LCMScheduler"
     unet = UNet2DConditionModel.from_pretrained(LCM_WEIGHTS_DIR, subfolder="unet")
     assert unet.config.time_cond_proj_dim == prov["settings"]["time_cond_proj_dim"]
+
+
+def test_a_toy_lcm_whose_shared_parts_changed_is_refused(tmp_path, monkeypatch):
+    """The LCM folder is put together from two folders; a toy model retrained after the distillation must not be
+    paired with it silently."""
+    from nullbooth.models.registry import ensure_toy_lcm
+
+    monkeypatch.setenv("NULLBOOTH_CACHE", str(tmp_path / "cache"))
+    toy = tmp_path / "toy"
+    shutil.copytree(WEIGHTS_DIR, toy)
+    probe_json = toy / "probe.json"
+    probe_json.write_text(probe_json.read_text() + "\n")
+    with pytest.raises(NullBoothError, match="do not match the LCM's provenance.json"):
+        ensure_toy_lcm(LCM_WEIGHTS_DIR, toy)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("toy-lcm-*"))
