@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "on CPU",
                            description="Distill a Latent Consistency Model from an SD teacher (latent consistency "
                                        "distillation) into OUT_DIR: a stock diffusers LatentConsistencyModelPipeline "
-                                       "folder with the teacher's probe and provenance.json (about 25 minutes "
+                                       "folder with the teacher's probe and provenance.json (about 35 minutes "
                                        "on 2 CPU cores).")
     p.add_argument("out_dir")
     p.add_argument("--teacher", default="toy", help="'toy' (the shipped toy model) or a folder from `toy-model train`")
