@@ -260,3 +260,8 @@ def test_a_toy_lcm_whose_shared_parts_changed_is_refused(tmp_path, monkeypatch):
     with pytest.raises(NullBoothError, match="do not match the LCM's provenance.json"):
         ensure_toy_lcm(LCM_WEIGHTS_DIR, toy)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("toy-lcm-*"))
+    lcm = tmp_path / "lcm"
+    shutil.copytree(LCM_WEIGHTS_DIR, lcm)
+    (lcm / "provenance.json").unlink()
+    with pytest.raises(NullBoothError, match="provenance.json is missing or has no file digests"):
+        ensure_toy_lcm(lcm, WEIGHTS_DIR)

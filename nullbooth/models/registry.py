@@ -56,7 +56,14 @@ def ensure_toy_lcm(lcm_dir: Path = LCM_WEIGHTS_DIR, toy_dir: Path = WEIGHTS_DIR)
     """The toy LCM's full pipeline folder in the cache: `lcm_dir`'s own parts plus the toy model's shared ones,
     named by the LCM's provenance digest and checked file by file against that provenance when put together."""
     prov_path = lcm_dir / "provenance.json"
-    prov = json.loads(prov_path.read_text(encoding="utf-8"))
+    try:
+        prov = json.loads(prov_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        prov = None
+    if not isinstance(prov, dict) or not isinstance(prov.get("files"), dict):
+        raise NullBoothError(f"model.path: toy-lcm: {prov_path} is missing or has no file digests; reinstall the "
+                             "package, or distill one with `nullbooth toy-model distill-lcm OUT_DIR` and use that "
+                             "folder")
 
     def assemble(tmp: Path) -> None:
         for part in sorted(p.name for p in lcm_dir.iterdir()):
