@@ -99,7 +99,7 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
     out = train_toy_model(tmp_path / "toy", vae_steps=2, unet_steps=2, probe_steps=2, progress=False,
                           image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
                           probe_pool=32, probe_test_images=32, text_width=32, vae_batch=4, unet_batch=4,
-                          vae_open_images=8)
+                          vae_open_images=8, unet_plain_levels=1)
     prov = json.loads((out / PROVENANCE).read_text())
     assert prov["files"] == digest_tree(out) and "unet/diffusion_pytorch_model.safetensors" in prov["files"]
     assert prov["unet"]["steps"] == 2 and prov["settings"]["image_size"] == 16
@@ -109,6 +109,9 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
     img = pipe("a red star on a sky background", num_inference_steps=2, height=16, width=16,
                generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (16, 16)
+    # the highest-resolution level has no attention (unet_plain_levels=1), the other one has cross-attention
+    assert tuple(pipe.unet.config.down_block_types) == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert tuple(pipe.unet.config.up_block_types) == ("CrossAttnUpBlock2D", "UpBlock2D")
     probe_meta = json.loads((out / probe_mod.PROBE_JSON).read_text())
     assert probe_meta["test_accuracy"] == prov["probe"]["test_accuracy"]
     assert isinstance(probe_mod.load_probe(out), probe_mod.ProbeNet)
@@ -116,6 +119,8 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
         train_toy_model(out, vae_steps=1, unet_steps=1, probe_steps=1, progress=False)
     with pytest.raises(NullBoothError, match="unknown setting"):
         train_toy_model(tmp_path / "other", bogus=1)
+    with pytest.raises(NullBoothError, match="unet_plain_levels=2 must be at least 0 and below the UNet's 2 levels"):
+        train_toy_model(tmp_path / "other", unet_channels=(32, 32), unet_plain_levels=2)
     _check_a_second_run_keeps_what_it_reuses(out, tmp_path / "second")
 
 

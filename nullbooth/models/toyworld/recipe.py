@@ -58,6 +58,9 @@ class RecipeSettings:
     token_std: float | None = 1.0  # the frozen encoder's token-embedding scale; None keeps CLIP's 0.02 (recipe v2)
     max_length: int = 16
     unet_channels: tuple[int, ...] = (64, 128)
+    # UNet levels without attention, from the highest resolution: 1 makes a 16x16 latent grid affordable on a CPU
+    # (the 16x16 experiment in benchmarks/RESULTS.md); the shipped model has attention at every level
+    unet_plain_levels: int = 0
     unet_steps: int = 2500
     unet_batch: int = 64
     unet_lr: float = 1e-3
@@ -173,7 +176,7 @@ def _unet(settings: RecipeSettings, data: trainers.UNetData, progress: bool):
         return unet.eval(), {"reused_from": settings.reuse_unet}
     latent = settings.image_size // 2 ** (len(settings.vae_channels) - 1)
     unet = trainers.build_unet(latent, settings.unet_channels, settings.text_width, settings.seed + 4,
-                               settings.latent_channels)
+                               settings.latent_channels, settings.unet_plain_levels)
     ema, record = trainers.train_unet(unet, data, steps=settings.unet_steps, batch_size=settings.unet_batch,
                                       lr=settings.unet_lr, ema_decay=settings.ema_decay,
                                       caption_dropout=settings.caption_dropout, seed=settings.seed + 5,
@@ -237,6 +240,9 @@ def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int
     if settings.image_size % 2 ** (len(settings.vae_channels) - 1):
         raise NullBoothError(f"toy model recipe: image_size={settings.image_size} is not divisible by the VAE's "
                              f"downsampling factor {2 ** (len(settings.vae_channels) - 1)}")
+    if not 0 <= settings.unet_plain_levels < len(settings.unet_channels):
+        raise NullBoothError(f"toy model recipe: unet_plain_levels={settings.unet_plain_levels} must be at least 0 "
+                             f"and below the UNet's {len(settings.unet_channels)} levels (one level needs attention)")
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:

@@ -99,17 +99,21 @@ def reconstruction_psnr(vae, images: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / F.mse_loss(rec, images)))
 
 
-def build_unet(latent_size: int, channels: tuple[int, ...], text_width: int, seed: int, latent_channels: int = 4):
+def build_unet(latent_size: int, channels: tuple[int, ...], text_width: int, seed: int, latent_channels: int = 4,
+               plain_levels: int = 0):
+    """A UNet2DConditionModel; its `plain_levels` highest-resolution levels have no attention (ResNet blocks only),
+    because self-attention over every latent pixel is what makes a fine latent grid slow on a CPU."""
     from diffusers import UNet2DConditionModel
 
     n = len(channels)
+    down = ("DownBlock2D",) * plain_levels + ("CrossAttnDownBlock2D",) * (n - plain_levels)
+    up = ("CrossAttnUpBlock2D",) * (n - plain_levels) + ("UpBlock2D",) * plain_levels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels,
                                     out_channels=latent_channels,
                                     block_out_channels=channels, layers_per_block=1,
-                                    down_block_types=("CrossAttnDownBlock2D",) * n,
-                                    up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=text_width,
+                                    down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
                                     attention_head_dim=8, norm_num_groups=32)
 
 
