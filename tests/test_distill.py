@@ -211,6 +211,49 @@ def test_distillation_writes_a_stock_lcm_folder_with_provenance(tmp_path, capsys
     assert not (tmp_path / "y").exists()
 
 
+def _save_changed(folder: Path, part: str, module, name: str) -> None:
+    """`module` saved as `folder`/`part`, with parameter `name` shifted: a part that is no longer the teacher's."""
+    with torch.no_grad():
+        dict(module.named_parameters())[name].add_(0.05)
+    module.save_pretrained(folder / part, safe_serialization=True)
+
+
+def test_a_distilled_student_is_kept_only_for_a_teacher_with_what_it_was_distilled_from(tmp_path, teacher):
+    """`reuse_student` hands a distilled UNet to a new teacher folder without distilling again; that is sound only
+    when the new teacher has the UNet, VAE encoder and text encoder distillation read. A new VAE decoder is allowed
+    (the student is then bit-identical, the shared parts the new teacher's); any of the other three is refused."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    first = lcd.distill_toy_lcm(tmp_path / "lcm", steps=2, batch_size=2, num_images=16, progress=False)
+    new_decoder = tmp_path / "new-decoder"
+    shutil.copytree(WEIGHTS_DIR, new_decoder)
+    _save_changed(new_decoder, "vae", copy.deepcopy(teacher.vae), "decoder.conv_out.weight")
+    kept = lcd.distill_toy_lcm(tmp_path / "kept", teacher=str(new_decoder), reuse_student=str(first),
+                               progress=False)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(first / unet)), load_file(str(kept / unet))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert sha256_file(kept / vae) == sha256_file(new_decoder / vae) != sha256_file(first / vae)
+    prov = json.loads((kept / "provenance.json").read_text())
+    assert prov["files"] == digest_tree(kept) and prov["teacher"]["folder"] == str(new_decoder)
+    assert prov["distillation"]["reused_from"] == str(first) and prov["distillation"]["steps"] == 2
+    assert prov["settings"]["steps"] == 2 and prov["lineage"]["student"] == str(first)
+    for part, module, name, what in (("unet", teacher.unet, "conv_out.bias", "UNet"),
+                                     ("vae", teacher.vae, "encoder.conv_in.bias", "VAE encoder"),
+                                     ("text_encoder", teacher.text_encoder, "final_layer_norm.bias", "text encoder")):
+        other = tmp_path / f"other-{part}"
+        shutil.copytree(WEIGHTS_DIR, other)
+        _save_changed(other, part, copy.deepcopy(module), name)
+        with pytest.raises(NullBoothError) as err:
+            lcd.distill_toy_lcm(tmp_path / "refused", teacher=str(other), reuse_student=str(first), progress=False)
+        assert str(err.value) == (f"LCM distillation: reuse_student {str(first)!r}: it was distilled from another "
+                                  f"teacher (not the same {what}); distill anew")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_missing_shipped_model_says_how_to_make_one(tmp_path, monkeypatch):
     from nullbooth.models import registry
 

@@ -99,8 +99,11 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
     out = train_toy_model(tmp_path / "toy", vae_steps=2, unet_steps=2, probe_steps=2, progress=False,
                           image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
                           probe_pool=32, probe_test_images=32, text_width=32, vae_batch=4, unet_batch=4,
-                          vae_open_images=8, unet_plain_levels=1)
+                          vae_open_images=8, unet_plain_levels=1, vae_subject_images=4, vae_decoder_steps=2,
+                          vae_decoder_batch=4)
     prov = json.loads((out / PROVENANCE).read_text())
+    assert prov["vae"]["steps"] == 2 and prov["vae"]["decoder"]["steps"] == 2
+    assert np.isfinite(prov["vae"]["subject_psnr_db"]) and np.isfinite(prov["vae"]["psnr_db"])
     assert prov["files"] == digest_tree(out) and "unet/diffusion_pytorch_model.safetensors" in prov["files"]
     assert prov["unet"]["steps"] == 2 and prov["settings"]["image_size"] == 16
     assert not [p for p in tmp_path.iterdir() if p.name != "toy"]  # the temporary folder is gone
@@ -121,6 +124,9 @@ def test_recipe_runs_tiny_and_writes_a_loadable_folder(tmp_path):
         train_toy_model(tmp_path / "other", bogus=1)
     with pytest.raises(NullBoothError, match="unet_plain_levels=2 must be at least 0 and below the UNet's 2 levels"):
         train_toy_model(tmp_path / "other", unet_channels=(32, 32), unet_plain_levels=2)
+    with pytest.raises(NullBoothError, match=r"^toy model recipe: vae_decoder_steps=-1; expected 0 or more$"):
+        train_toy_model(tmp_path / "other", vae_decoder_steps=-1)
+    assert not (tmp_path / "other").exists()
     _check_a_second_run_keeps_what_it_reuses(out, tmp_path / "second")
 
 
@@ -131,21 +137,27 @@ def _tensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
 
 
 def _check_a_second_run_keeps_what_it_reuses(first: Path, out: Path) -> None:
-    """A second recipe run that keeps the first one's VAE and UNet and trains only a new probe: the kept weights are
-    bit-identical, and provenance names what was kept and carries the first run's own record."""
+    """A second recipe run that keeps the first one's VAE and UNet, trains a new probe and fine-tunes the VAE's
+    decoder alone: the UNet and the VAE's encoder (so the latent space the UNet was trained in) are bit-identical,
+    the decoder is new, and provenance names what was kept and carries the first run's own record."""
     from nullbooth.models.toyworld.recipe import PROVENANCE, train_toy_model
 
     train_toy_model(out, progress=False, image_size=16, num_images=32, vae_channels=(32, 32), unet_channels=(32, 32),
                     text_width=32, probe_steps=2, probe_pool=32, probe_test_images=32, reuse_vae=str(first),
-                    reuse_unet=str(first))
+                    reuse_unet=str(first), vae_open_images=8, vae_subject_images=4, vae_decoder_steps=2,
+                    vae_decoder_batch=4)
     for part in ("vae", "unet"):
         before, after = _tensors(first, part), _tensors(out, part)
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
+        assert before.keys() == after.keys(), part
+        decoder = {k for k in before if part == "vae" and k.startswith(("decoder.", "post_quant_conv."))}
+        assert all(torch.equal(before[k], after[k]) for k in before if k not in decoder), part
+        assert part == "unet" or not all(torch.equal(before[k], after[k]) for k in decoder)
     prov = json.loads((out / PROVENANCE).read_text())
     first_prov = json.loads((first / PROVENANCE).read_text())
     assert prov["lineage"]["kept"] == {"vae": str(first), "unet": str(first)}
     assert prov["lineage"]["runs"][str(first)]["unet"] == first_prov["unet"]
     assert prov["unet"]["reused_from"] == str(first) and prov["probe"]["steps"] == 2
+    assert prov["vae"]["reused_from"] == str(first) and prov["vae"]["decoder"]["steps"] == 2
 
 
 def test_open_world_images_are_seeded_and_the_probe_does_not_call_them_the_subject():

@@ -28,7 +28,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from nullbooth.models.toyworld.provenance import (
     write_json,
 )
 from nullbooth.models.toyworld.recipe import PROVENANCE, world_training_set
+from nullbooth.models.toyworld.student import reused_student
 
 DISTILL_VERSION = 1
 FROZEN_PARTS = ("vae", "text_encoder", "tokenizer")  # the teacher's, unchanged in the LCM folder
@@ -73,6 +74,10 @@ class DistillSettings:
     time_cond_proj_dim: int = 256
     num_images: int = 16000
     threads: int = 2  # torch threads
+    # an LCM pipeline folder (or "toy-lcm") whose distilled UNet is kept instead of distilling again: allowed only
+    # when this teacher has the UNet, VAE encoder and text encoder it was distilled from (all that distillation
+    # reads), e.g. after the teacher's VAE decoder alone was fine-tuned
+    reuse_student: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,19 +328,29 @@ def _teacher_record(teacher: str, folder: Path) -> dict[str, Any]:
 
 
 def _distill_into(tmp: Path, teacher: str, settings: DistillSettings, progress: bool) -> dict[str, Any]:
-    """Load, distill, save into `tmp`; returns provenance (without the file digests)."""
+    """Load, distill (or keep `reuse_student`'s UNet), save into `tmp`; returns provenance (without the file
+    digests)."""
     t0 = time.time()
     folder, pipe = load_teacher(teacher)
-    data, data_record = distill_data(pipe, settings)
-    solver = SkippingDDIM(pipe.scheduler.alphas_cumprod, settings.num_ddim_timesteps)
-    student = make_student(pipe.unet, settings.time_cond_proj_dim)
-    target, record = train_lcd(student, pipe.unet, solver, data, settings, progress)
+    if settings.reuse_student:
+        target, kept = reused_student(settings.reuse_student, folder, pipe)
+        settings = replace(DistillSettings(**kept["settings"]), reuse_student=settings.reuse_student,
+                           threads=settings.threads)  # the student's own settings: its scheduler follows them
+        data_record = kept.get("data")
+        record = {**kept.get("distillation", {}), "reused_from": settings.reuse_student}
+        lineage = {"lineage": {"student": settings.reuse_student, "provenance": kept}}
+    else:
+        data, data_record = distill_data(pipe, settings)
+        solver = SkippingDDIM(pipe.scheduler.alphas_cumprod, settings.num_ddim_timesteps)
+        student = make_student(pipe.unet, settings.time_cond_proj_dim)
+        target, record = train_lcd(student, pipe.unet, solver, data, settings, progress)
+        record, lineage = {**record, "exported": "target (EMA) network"}, {}
     _save_lcm(tmp, folder, pipe, target, settings)
     probe_copied = _copy_probe(folder, tmp)
     return {"recipe": "latent consistency distillation", "recipe_version": DISTILL_VERSION,
             "settings": asdict(settings), "teacher": _teacher_record(teacher, folder), "data": data_record,
-            "distillation": {**record, "exported": "target (EMA) network"}, "probe_copied": probe_copied,
-            "code_version": code_version(), "wall_seconds": round(time.time() - t0, 1)}
+            "distillation": record, "probe_copied": probe_copied,
+            "code_version": code_version(), "wall_seconds": round(time.time() - t0, 1), **lineage}
 
 
 def _check_settings(settings: DistillSettings) -> None:

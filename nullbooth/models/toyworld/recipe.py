@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nullbooth.errors import NullBoothError
 from nullbooth.models.toyworld import probe as probe_mod
@@ -34,7 +35,12 @@ PROVENANCE = "provenance.json"
 # 3: token embeddings at unit scale (text.py), VAE trained on open-world images too (any colour, dotted teapots),
 #    8 latent channels
 # 4: the subject's three large dots (world.py), and the probe's near-miss negatives (the subject without its dots)
-RECIPE_VERSION = 4
+# 5: the VAE sees the subject's look too (vae_subject_images), and its decoder is fine-tuned alone at the end
+#    (vae_decoder_steps), which keeps the latent space and so a kept UNet
+RECIPE_VERSION = 5
+# The VAE's subject images are world.draw_subject_image(SUBJECT_VAE_FIRST + i): never the demo's instance images
+# (0..7) nor the probe's (below its pool size)
+SUBJECT_VAE_FIRST = 100_000
 
 
 @dataclass
@@ -52,6 +58,13 @@ class RecipeSettings:
     vae_kl_weight: float = 1e-6
     vae_open_images: int = 8000  # open-world images (any colour) beside the world's, so the VAE can draw new colours
     vae_open_teapots: float = 0.5  # their share of teapots, half of them dotted: the hardest detail a subject shows
+    # images of the subject's look in the VAE's data (never the UNet's): a real VAE reconstructs any photo, a user's
+    # subject included. Without them the toy VAE turned the orange dots into a yellow-green smear (21.8 dB on the
+    # subject against 29.8 dB on world images), so no UNet could draw them (benchmarks/RESULTS.md)
+    vae_subject_images: int = 3000
+    vae_decoder_steps: int = 1000  # then the decoder alone, encoder frozen (trainers.train_decoder)
+    vae_decoder_batch: int = 32
+    vae_decoder_lr: float = 5e-4
     latent_channels: int = 8  # 4 (SD's) blurred 2-px dots away at 32 px; 8 costs the UNet only its first/last conv
     text_width: int = 128
     text_layers: int = 2
@@ -104,6 +117,25 @@ def _open_images(settings: RecipeSettings) -> torch.Tensor:
     return _to_tensor(arrays)
 
 
+def subject_images(image_size: int, first: int, count: int) -> torch.Tensor:
+    """`world.draw_subject_image(first + i)` for i < count, drawn at the world's size and resized to `image_size`
+    with the resampling the instance-image loader uses (train/data.py): what the fine-tune will encode."""
+    arrays = []
+    for i in range(count):
+        img = world.draw_subject_image(first + i)
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(img, dtype=np.uint8))
+    return _to_tensor(arrays)
+
+
+def _vae_images(settings: RecipeSettings, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's data: the world's training images, open-world images and the subject's look."""
+    subject = subject_images(settings.image_size, SUBJECT_VAE_FIRST, settings.vae_subject_images)
+    extra = [t for t in (_open_images(settings), subject) if len(t)]
+    return torch.cat([images, *extra]) if extra else images
+
+
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     if not arrays:
         return torch.zeros(0, 3, 1, 1)
@@ -151,20 +183,25 @@ def _train_probe(settings: RecipeSettings, folder: Path, progress: bool) -> dict
 
 
 def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
-    """(VAE, training record): trained here, or the one of `settings.reuse_vae` kept as it is."""
+    """(VAE, training record): trained here or the one of `settings.reuse_vae`, then its decoder fine-tuned alone
+    (`vae_decoder_steps`; the encoder, so the latent space, is the one trained or kept)."""
+    images = _vae_images(settings, images)
     if settings.reuse_vae:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(settings.reuse_vae, subfolder="vae", torch_dtype=torch.float32)
-        return vae.eval(), {"reused_from": settings.reuse_vae}
-    vae = trainers.build_vae(settings.image_size, settings.vae_channels, settings.vae_groups, settings.seed + 2,
-                             settings.latent_channels)
-    if settings.vae_open_images:
-        images = torch.cat([images, _open_images(settings)])
-    record = trainers.train_vae(vae, images, steps=settings.vae_steps, batch_size=settings.vae_batch,
-                                lr=settings.vae_lr, kl_weight=settings.vae_kl_weight, seed=settings.seed + 3,
-                                progress=progress)
-    return vae, record.as_dict()
+        record: dict[str, Any] = {"reused_from": settings.reuse_vae}
+    else:
+        vae = trainers.build_vae(settings.image_size, settings.vae_channels, settings.vae_groups, settings.seed + 2,
+                                 settings.latent_channels)
+        record = trainers.train_vae(vae, images, steps=settings.vae_steps, batch_size=settings.vae_batch,
+                                    lr=settings.vae_lr, kl_weight=settings.vae_kl_weight, seed=settings.seed + 3,
+                                    progress=progress).as_dict()
+    if settings.vae_decoder_steps:
+        record["decoder"] = trainers.train_decoder(vae, images, steps=settings.vae_decoder_steps,
+                                                   batch_size=settings.vae_decoder_batch, lr=settings.vae_decoder_lr,
+                                                   seed=settings.seed + 6, progress=progress).as_dict()
+    return vae.eval(), record
 
 
 def _unet(settings: RecipeSettings, data: trainers.UNetData, progress: bool):
@@ -192,13 +229,16 @@ def _train_models(settings: RecipeSettings, folder: Path, progress: bool) -> dic
     data_s = time.time() - t0
     vae, vae_rec = _vae(settings, images, progress)
     psnr = trainers.reconstruction_psnr(vae, images[:256])
+    # on subject images the VAE never saw (the demo's instance images are the first 8 of them)
+    subject_psnr = trainers.reconstruction_psnr(vae, subject_images(settings.image_size, 0, 64))
     mean, std = trainers.encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
     unet, unet_rec = _unet(settings, trainers.UNetData(mean, std, cap_ids, emb, n_captions, scaling), progress)
     _save_pipeline(folder, vae, encoder, tokenizer, unet)
     return {"data": {"images": len(images), "unique_captions": n_captions, "seconds": round(data_s, 1)},
-            "vae": {**vae_rec, "psnr_db": round(psnr, 2), "scaling_factor": scaling},
+            "vae": {**vae_rec, "psnr_db": round(psnr, 2), "subject_psnr_db": round(subject_psnr, 2),
+                    "scaling_factor": scaling},
             "unet": {**unet_rec, "latent_size": mean.shape[-1]},
             "parameters": {"vae": _count(vae), "unet": _count(unet), "text_encoder": _count(encoder)}}
 
@@ -222,6 +262,20 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _check_settings(settings: RecipeSettings) -> None:
+    if settings.image_size % 2 ** (len(settings.vae_channels) - 1):
+        raise NullBoothError(f"toy model recipe: image_size={settings.image_size} is not divisible by the VAE's "
+                             f"downsampling factor {2 ** (len(settings.vae_channels) - 1)}")
+    if not 0 <= settings.unet_plain_levels < len(settings.unet_channels):
+        raise NullBoothError(f"toy model recipe: unet_plain_levels={settings.unet_plain_levels} must be at least 0 "
+                             f"and below the UNet's {len(settings.unet_channels)} levels (one level needs attention)")
+    for name in ("vae_subject_images", "vae_decoder_steps"):
+        if getattr(settings, name) < 0:
+            raise NullBoothError(f"toy model recipe: {name}={getattr(settings, name)}; expected 0 or more")
+    if settings.vae_decoder_steps and settings.vae_decoder_batch < 1:
+        raise NullBoothError(f"toy model recipe: vae_decoder_batch={settings.vae_decoder_batch}; expected 1 or more")
+
+
 def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int = 2200, unet_steps: int = 2500,
                     probe_steps: int = 1200, progress: bool = True, overwrite: bool = False,
                     **overrides: Any) -> Path:
@@ -236,13 +290,8 @@ def train_toy_model(out_dir: str | os.PathLike, *, seed: int = 0, vae_steps: int
         raise NullBoothError(f"toy model recipe: unknown setting(s) {unknown}; known: {sorted(known)}")
     settings = RecipeSettings(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, probe_steps=probe_steps,
                               **overrides)
+    _check_settings(settings)
     out = check_new_output(out_dir, overwrite, "toy model output")
-    if settings.image_size % 2 ** (len(settings.vae_channels) - 1):
-        raise NullBoothError(f"toy model recipe: image_size={settings.image_size} is not divisible by the VAE's "
-                             f"downsampling factor {2 ** (len(settings.vae_channels) - 1)}")
-    if not 0 <= settings.unet_plain_levels < len(settings.unet_channels):
-        raise NullBoothError(f"toy model recipe: unet_plain_levels={settings.unet_plain_levels} must be at least 0 "
-                             f"and below the UNet's {len(settings.unet_channels)} levels (one level needs attention)")
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:

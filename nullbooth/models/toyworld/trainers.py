@@ -1,4 +1,4 @@
-"""The two training loops of the toy model: the VAE (reconstruction) and the UNet (DDPM epsilon loss).
+"""The training loops of the toy model: the VAE (reconstruction), its decoder alone, and the UNet (DDPM epsilon loss).
 
 Both are plain seeded PyTorch loops over tensors held in memory; the recipe (`recipe.py`) wires them together.
 The latent sampling, schedule and EMA helpers are shared with the LCM distillation (`distill.py`).
@@ -77,6 +77,46 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: flo
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    return LoopRecord(steps, float(loss.item()), time.time() - t0)
+
+
+def train_decoder(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
+                  progress: bool) -> LoopRecord:
+    """Fine-tune the VAE's decoder alone on `images` (N,3,H,W in [0,1]), the encoder frozen.
+
+    The latent space stays exactly what it was, so a UNet trained on this VAE's latents stays valid: the way SD's
+    fine-tuned decoders (sd-vae-ft-mse) were made. Same loss as `train_vae`, without the KL term (the posterior
+    does not move); the decoder reads posterior samples, as it does in `train_vae`.
+    """
+    from tqdm.auto import tqdm
+
+    t0, gen = time.time(), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # posterior sampling inside diffusers uses the global RNG
+    decoder = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
+    sched = cosine_schedule(opt, steps, warmup=max(1, steps // 20))
+    vae.train()
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(range(steps), desc="vae decoder", disable=not progress)
+    for _ in bar:
+        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)] * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    for p in vae.parameters():
+        p.requires_grad_(True)
     vae.eval()
     return LoopRecord(steps, float(loss.item()), time.time() - t0)
 
