@@ -235,6 +235,7 @@ def test_a_distilled_student_is_kept_only_for_a_teacher_with_what_it_was_distill
     unet = "unet/diffusion_pytorch_model.safetensors"
     before, after = load_file(str(first / unet)), load_file(str(kept / unet))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (kept / "unet" / "config.json").read_text() == (first / "unet" / "config.json").read_text()
     vae = "vae/diffusion_pytorch_model.safetensors"
     assert sha256_file(kept / vae) == sha256_file(new_decoder / vae) != sha256_file(first / vae)
     prov = json.loads((kept / "provenance.json").read_text())

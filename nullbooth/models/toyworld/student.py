@@ -28,7 +28,7 @@ def _same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def reused_student(source: str, teacher_folder: Path, pipe) -> tuple[Any, dict[str, Any]]:
     """(student UNet, the reused folder's provenance without its digests), refused unless `teacher_folder` holds
     every part the student was distilled from: the same UNet file, VAE encoder and text encoder."""
-    from diffusers import LatentConsistencyModelPipeline
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
 
     folder = Path(resolve_model_location(source) if source in EMBEDDED_MODELS else source).expanduser()
     where = f"LCM distillation: reuse_student {source!r}"
@@ -47,4 +47,7 @@ def reused_student(source: str, teacher_folder: Path, pipe) -> tuple[Any, dict[s
         differ = ", ".join(name for name, ok in same.items() if not ok)
         raise NullBoothError(f"{where}: it was distilled from another teacher (not the same {differ}); "
                              "distill anew")
-    return lcm.unet, {k: v for k, v in prov.items() if k != "files"}
+    config = {k: v for k, v in lcm.unet.config.items() if k != "_name_or_path"}  # where it was read from
+    unet = UNet2DConditionModel.from_config(config)
+    unet.load_state_dict(lcm.unet.state_dict())
+    return unet, {k: v for k, v in prov.items() if k != "files"}
