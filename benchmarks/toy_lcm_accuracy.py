@@ -1,6 +1,6 @@
 """Concept accuracy of a toy-world LCM and of its SD teacher, both at few steps, on the 64 held-out captions.
 
-    python benchmarks/toy_lcm_accuracy.py [LCM_FOLDER] [SD_FOLDER] [--steps 4] [--guidance 5.0] [--n 64] [--grid OUT.png]
+    python benchmarks/toy_lcm_accuracy.py [LCM_FOLDER] [SD_FOLDER] [--steps 4] [--guidance 2.0] [--n 64] [--grid OUT.png]
 
 LCM_FOLDER defaults to the shipped toy-lcm, SD_FOLDER to the shipped toy model. Both are judged as the report
 judges them: the world's held-out captions (world.drift_prompts, the last 64 lines of the toy prompts file), one
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("lcm", nargs="?", default="toy-lcm")
     parser.add_argument("sd", nargs="?", default="toy")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=2.0)  # configs/toy-lcm.yaml
     parser.add_argument("--n", type=int, default=64, help="held-out captions (at most 64 are held out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
