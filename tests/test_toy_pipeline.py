@@ -1,7 +1,8 @@
 """The toy-world demo end to end at reduced scale (configs/toy.yaml, fewer prompts and steps): the shipped model
-knows its world, and on the same statistics the projected LoRA keeps it better than the plain LoRA trained beside it.
+knows its world, the projected LoRA learns the subject, and on the same statistics it keeps the world better than
+the plain LoRA trained beside it.
 
-Margins are wide on purpose: 16 held-out captions, one image each, a fixed seed.
+Margins are wide on purpose: 32 held-out captions, one image each, a fixed seed.
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from nullbooth.report.schema import read_report
 from nullbooth.storage import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-HELD_OUT = 16
+HELD_OUT = 32
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,18 @@ def test_the_base_toy_model_draws_the_held_out_captions(toy_report):
     report, _ = toy_report
     accuracy = report["probe"]["concept_accuracy"]
     assert accuracy["images"] == HELD_OUT
-    assert accuracy["base"] >= 0.85  # the full-scale figures are in benchmarks/RESULTS.md
+    assert accuracy["base"] >= 0.75  # 87.5 % on all 64 (benchmarks/RESULTS.md); 32 images, so a wide margin
     assert accuracy["finetuned"] > accuracy["plain"]
+
+
+def test_the_projected_lora_learns_the_subject_and_keeps_the_class_prompt(toy_report):
+    """At 120 LoRA steps (the default is 400) the probe already recognises the subject in 95 % of the projected
+    LoRA's 20 instance-prompt samples (the plain LoRA's: 40 %); the class prompt stays a plain teapot."""
+    report, _ = toy_report
+    fidelity, class_as_subject = report["probe"]["subject_fidelity"], report["probe"]["class_as_subject"]
+    assert fidelity["images"] == 20 and fidelity["base"] == 0.0
+    assert fidelity["finetuned"] >= 0.6
+    assert class_as_subject["finetuned"] == 0.0
 
 
 def test_global_projection_drifts_less_than_the_plain_lora_on_the_same_statistics(toy_report):
@@ -57,3 +68,4 @@ def test_the_report_shows_base_global_and_none_side_by_side(toy_report):
     assert [p["kind"] for p in report["prompts"]].count("class") == 1
     page = (run_dir / "report" / "report.md").read_text()
     assert "## Side by side" in page and "plain LoRA (none)" in page
+
