@@ -62,7 +62,7 @@ class RecipeSettings:
     # subject included. Without them the toy VAE turned the orange dots into a yellow-green smear (21.8 dB on the
     # subject against 29.8 dB on world images), so no UNet could draw them (benchmarks/RESULTS.md)
     vae_subject_images: int = 3000
-    vae_decoder_steps: int = 1000  # then the decoder alone, encoder frozen (trainers.train_decoder)
+    vae_decoder_steps: int = 1000  # then the decoder alone, encoder frozen (trainers.train_vae, decoder_only)
     vae_decoder_batch: int = 32
     vae_decoder_lr: float = 5e-4
     latent_channels: int = 8  # 4 (SD's) blurred 2-px dots away at 32 px; 8 costs the UNet only its first/last conv
@@ -185,7 +185,8 @@ def _train_probe(settings: RecipeSettings, folder: Path, progress: bool) -> dict
 def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
     """(VAE, training record): trained here or the one of `settings.reuse_vae`, then its decoder fine-tuned alone
     (`vae_decoder_steps`; the encoder, so the latent space, is the one trained or kept)."""
-    images = _vae_images(settings, images)
+    if not settings.reuse_vae or settings.vae_decoder_steps:  # a kept VAE with no decoder steps needs no data
+        images = _vae_images(settings, images)
     if settings.reuse_vae:
         from diffusers import AutoencoderKL
 
@@ -198,9 +199,10 @@ def _vae(settings: RecipeSettings, images: torch.Tensor, progress: bool):
                                     lr=settings.vae_lr, kl_weight=settings.vae_kl_weight, seed=settings.seed + 3,
                                     progress=progress).as_dict()
     if settings.vae_decoder_steps:
-        record["decoder"] = trainers.train_decoder(vae, images, steps=settings.vae_decoder_steps,
-                                                   batch_size=settings.vae_decoder_batch, lr=settings.vae_decoder_lr,
-                                                   seed=settings.seed + 6, progress=progress).as_dict()
+        record["decoder"] = trainers.train_vae(vae, images, steps=settings.vae_decoder_steps,
+                                               batch_size=settings.vae_decoder_batch, lr=settings.vae_decoder_lr,
+                                               kl_weight=0.0, seed=settings.seed + 6, progress=progress,
+                                               decoder_only=True).as_dict()
     return vae.eval(), record
 
 

@@ -1,4 +1,5 @@
-"""The training loops of the toy model: the VAE (reconstruction), its decoder alone, and the UNet (DDPM epsilon loss).
+"""The two training loops of the toy model: the VAE (reconstruction; or its decoder alone) and the UNet (DDPM
+epsilon loss).
 
 Both are plain seeded PyTorch loops over tensors held in memory; the recipe (`recipe.py`) wires them together.
 The latent sampling, schedule and EMA helpers are shared with the LCM distillation (`distill.py`).
@@ -51,72 +52,47 @@ def build_vae(image_size: int, channels: tuple[int, ...], groups: int, seed: int
                              layers_per_block=1, latent_channels=latent_channels, norm_num_groups=groups, sample_size=image_size)
 
 
+DECODER_PARTS = ("decoder.", "post_quant_conv.")  # what turns latents into pixels; the rest is the encoder
+
+
 def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
-              progress: bool) -> LoopRecord:
+              progress: bool, decoder_only: bool = False) -> LoopRecord:
     """Fit the VAE to `images` (N,3,H,W in [0,1]) with L1+MSE reconstruction and a small KL term.
 
     L1 keeps edges sharper than MSE alone; the KL term only keeps the latent scale tame, as in SD's VAE.
+    `decoder_only` fine-tunes the decoder alone, the encoder frozen and no KL term (the posterior does not move):
+    the latent space stays exactly what it was, so a UNet trained on this VAE's latents stays valid, the way SD's
+    fine-tuned decoders (sd-vae-ft-mse) were made.
     """
     from tqdm.auto import tqdm
 
     t0, gen = time.time(), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # posterior sampling inside diffusers uses the global RNG
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = cosine_schedule(opt, steps, warmup=max(1, steps // 20))
-    vae.train()
-    loss = torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc="vae", disable=not progress)
-    for _ in bar:
-        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)] * 2 - 1
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval()
-    return LoopRecord(steps, float(loss.item()), time.time() - t0)
-
-
-def train_decoder(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
-                  progress: bool) -> LoopRecord:
-    """Fine-tune the VAE's decoder alone on `images` (N,3,H,W in [0,1]), the encoder frozen.
-
-    The latent space stays exactly what it was, so a UNet trained on this VAE's latents stays valid: the way SD's
-    fine-tuned decoders (sd-vae-ft-mse) were made. Same loss as `train_vae`, without the KL term (the posterior
-    does not move); the decoder reads posterior samples, as it does in `train_vae`.
-    """
-    from tqdm.auto import tqdm
-
-    t0, gen = time.time(), torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # posterior sampling inside diffusers uses the global RNG
-    decoder = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in decoder:
+    params = [p for name, p in vae.named_parameters() if not decoder_only or name.startswith(DECODER_PARTS)]
+    vae.requires_grad_(False)
+    for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = cosine_schedule(opt, steps, warmup=max(1, steps // 20))
     vae.train()
     loss = torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc="vae decoder", disable=not progress)
+    bar = tqdm(range(steps), desc="vae decoder" if decoder_only else "vae", disable=not progress)
     for _ in bar:
         x = images[torch.randint(0, len(images), (batch_size,), generator=gen)] * 2 - 1
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if not decoder_only:
+            loss = loss + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    for p in vae.parameters():
-        p.requires_grad_(True)
+    vae.requires_grad_(True)
     vae.eval()
     return LoopRecord(steps, float(loss.item()), time.time() - t0)
 
