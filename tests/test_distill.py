@@ -220,8 +220,9 @@ def _save_changed(folder: Path, part: str, module, name: str) -> None:
 
 def test_a_distilled_student_is_kept_only_for_a_teacher_with_what_it_was_distilled_from(tmp_path, teacher):
     """`reuse_student` hands a distilled UNet to a new teacher folder without distilling again; that is sound only
-    when the new teacher has the UNet, VAE encoder and text encoder distillation read. A new VAE decoder is allowed
-    (the student is then bit-identical, the shared parts the new teacher's); any of the other three is refused."""
+    when the new teacher has what distillation read (UNet, VAE encoder and scaling factor, text encoder, ...). A new
+    VAE decoder is allowed (the student is then bit-identical, the shared parts the new teacher's); a change to any
+    of the others is refused, and so is a folder that is no distilled LCM."""
     import copy
 
     from safetensors.torch import load_file
@@ -252,6 +253,14 @@ def test_a_distilled_student_is_kept_only_for_a_teacher_with_what_it_was_distill
             lcd.distill_toy_lcm(tmp_path / "refused", teacher=str(other), reuse_student=str(first), progress=False)
         assert str(err.value) == (f"LCM distillation: reuse_student {str(first)!r}: it was distilled from another "
                                   f"teacher (not the same {what}); distill anew")
+    scaled = tmp_path / "other-scaling"
+    shutil.copytree(WEIGHTS_DIR, scaled)
+    vae_config = json.loads((scaled / "vae" / "config.json").read_text())
+    (scaled / "vae" / "config.json").write_text(json.dumps({**vae_config, "scaling_factor": 0.5}))
+    with pytest.raises(NullBoothError, match=r"\(not the same VAE scaling factor\); distill anew$"):
+        lcd.distill_toy_lcm(tmp_path / "refused", teacher=str(scaled), reuse_student=str(first), progress=False)
+    with pytest.raises(NullBoothError, match=r"not a distilled LCM \(no time_cond_proj_dim"):
+        lcd.distill_toy_lcm(tmp_path / "refused", reuse_student=str(WEIGHTS_DIR), progress=False)
     assert not (tmp_path / "refused").exists()
 
 

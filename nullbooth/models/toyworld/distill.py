@@ -334,7 +334,11 @@ def _distill_into(tmp: Path, teacher: str, settings: DistillSettings, progress: 
     folder, pipe = load_teacher(teacher)
     if settings.reuse_student:
         target, kept = reused_student(settings.reuse_student, folder, pipe)
-        settings = replace(DistillSettings(**kept["settings"]), reuse_student=settings.reuse_student,
+        own = kept.get("settings")
+        if not isinstance(own, dict) or set(own) - set(DistillSettings.__dataclass_fields__):
+            raise NullBoothError(f"LCM distillation: reuse_student {settings.reuse_student!r}: its provenance.json "
+                                 "does not hold this version's distillation settings; distill anew")
+        settings = replace(DistillSettings(**own), reuse_student=settings.reuse_student,
                            threads=settings.threads)  # the student's own settings: its scheduler follows them
         data_record = kept.get("data")
         record = {**kept.get("distillation", {}), "reused_from": settings.reuse_student}

@@ -1,7 +1,7 @@
 """Keeping a distilled LCM student for a new teacher folder, instead of distilling again.
 
-Distillation reads three parts of the teacher: its UNet, its VAE encoder (the training latents) and its text encoder
-(the caption embeddings). When a new teacher folder has exactly those (say, only its VAE decoder was fine-tuned),
+Distillation reads these parts of the teacher: its UNet and noise schedule, its VAE encoder and scaling factor (the
+training latents), and its tokenizer and text encoder (the caption embeddings). When a new teacher folder has exactly those (say, only its VAE decoder was fine-tuned),
 the student distilled from the old one is the student this one would give; `reused_student` checks that and hands
 it over, so `distill_toy_lcm(reuse_student=...)` can write a new LCM folder with the new teacher's shared parts.
 """
@@ -27,7 +27,7 @@ def _same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def reused_student(source: str, teacher_folder: Path, pipe) -> tuple[Any, dict[str, Any]]:
     """(student UNet, the reused folder's provenance without its digests), refused unless `teacher_folder` holds
-    every part the student was distilled from: the same UNet file, VAE encoder and text encoder."""
+    every part the student was distilled from (the same UNet file, VAE encoder, text encoder, ...)."""
     from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
 
     folder = Path(resolve_model_location(source) if source in EMBEDDED_MODELS else source).expanduser()
@@ -38,11 +38,19 @@ def reused_student(source: str, teacher_folder: Path, pipe) -> tuple[Any, dict[s
                                                              requires_safety_checker=False)
     except (OSError, ValueError, TypeError) as err:
         raise NullBoothError(f"{where}: not an LCM folder with provenance.json: {err}") from None
+    if lcm.unet.config.time_cond_proj_dim is None or not isinstance(prov.get("teacher"), dict):
+        raise NullBoothError(f"{where}: not a distilled LCM (no time_cond_proj_dim, or no teacher in its "
+                             "provenance.json)")
     teacher_unet = sha256_file(teacher_folder / "unet" / "diffusion_pytorch_model.safetensors")
-    same = {"UNet": prov.get("teacher", {}).get("unet_sha256") == teacher_unet,
+    # every part of the teacher that distillation reads, and every setting of those parts that changes the result
+    same = {"UNet": prov["teacher"].get("unet_sha256") == teacher_unet,
             "VAE encoder": all(_same_tensors(getattr(lcm.vae, m), getattr(pipe.vae, m))
                                for m in ("encoder", "quant_conv")),
-            "text encoder": _same_tensors(lcm.text_encoder, pipe.text_encoder)}
+            "VAE scaling factor": lcm.vae.config.scaling_factor == pipe.vae.config.scaling_factor,
+            "text encoder": _same_tensors(lcm.text_encoder, pipe.text_encoder),
+            "tokenizer": lcm.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+            and lcm.tokenizer.model_max_length == pipe.tokenizer.model_max_length,
+            "noise schedule": torch.equal(lcm.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)}
     if not all(same.values()):
         differ = ", ".join(name for name, ok in same.items() if not ok)
         raise NullBoothError(f"{where}: it was distilled from another teacher (not the same {differ}); "
